@@ -1,0 +1,308 @@
+"""The `cfbench` command line. Bad input is one line on stderr and exit code 2.
+
+Heavy modules (torch, pandas) are imported inside the commands so that `cfbench --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cfbench import __version__
+from cfbench.errors import CfbenchError
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cfbench",
+        description="Benchmark catastrophic-forgetting mitigation strategies on task sequences.",
+    )
+    parser.add_argument("--version", action="version", version=f"cfbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered strategies or scenarios")
+    p.add_argument("kind", choices=["strategies", "scenarios"])
+    p.add_argument("pattern", nargs="?", default="*", help="shell wildcard, e.g. 'split-*'")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="Python file that registers strategies or scenarios (repeatable)")
+
+    p = sub.add_parser("run", help="run strategies through a scenario and print a leaderboard")
+    p.add_argument("--scenario", required=True)
+    p.add_argument("--setting", default="all",
+                   help="task, domain, class, a comma list, or all the scenario supports")
+    p.add_argument("--strategy", required=True, type=_csv,
+                   help="comma list; compose with '+', e.g. naive,ewc,ewc+replay")
+    p.add_argument("--hp", action="append", default=[], metavar="[STRATEGY.]KEY=VALUE",
+                   help="hyperparameter (repeatable); a bare KEY goes to every strategy that "
+                        "declares it")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="number of training seeds (0..N-1)")
+    p.add_argument("--scenario-seed", type=int, default=0,
+                   help="seed of the task sequence (class order, permutations)")
+    p.add_argument("--tasks", type=_positive_int, help="number of tasks (permuted scenarios)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_float, help="epochs per task")
+    budget.add_argument("--iterations", type=_positive_int, help="optimizer steps per task")
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--model", help="backbone spec, e.g. mlp:100,100")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
+    p.add_argument("--out", default=None, help="directory for run records (default results/runs)")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="Python file that registers strategies or scenarios (repeatable)")
+    p.add_argument("--format", choices=["text", "md", "csv", "json"], default="text",
+                   help="format of the leaderboard printed at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("show", help="print one run record: R, metrics and costs")
+    p.add_argument("run_id", help="run id or a unique prefix of it")
+    p.add_argument("--out", default=None, help="directory of run records (default results/runs)")
+
+    p = sub.add_parser("leaderboard", help="aggregate run records over seeds into a table")
+    p.add_argument("--records", default=None, help="directory of run records (default "
+                                                   "results/runs)")
+    p.add_argument("--scenario", default=None, help="only this scenario")
+    p.add_argument("--format", choices=["text", "md", "csv", "json"], default="text")
+
+    p = sub.add_parser("data", help="fetch and verify datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    f = data_sub.add_parser("fetch", help="download (or copy from offline sources) and verify")
+    f.add_argument("name", choices=["mnist", "fashion-mnist"])
+    f.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
+    return parser
+
+
+def load_plugin(path: str) -> None:
+    """Import a user's Python file so its @register_* decorators run."""
+    file = Path(path)
+    if not file.is_file():
+        raise CfbenchError(f"plugin file {path} does not exist")
+    from cfbench import registry
+
+    registry.strategies.load()
+    registry.scenarios.load()
+    name = f"cfbench_plugin_{file.stem.replace('-', '_')}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise CfbenchError(f"plugin file {path} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except CfbenchError:
+        raise
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise CfbenchError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}"
+                           ) from None
+
+
+def parse_hparams(items: Sequence[str], strategies: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``["ewc.lam=10", "gamma=0.9"]`` -> per-strategy dicts of raw string values."""
+    from cfbench import registry
+
+    names = sorted({n for spec in strategies for n in spec.split("+")})
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CfbenchError(f"bad --hp '{item}': write KEY=VALUE or STRATEGY.KEY=VALUE")
+        owner, dot, key = key.rpartition(".")
+        if dot:
+            targets = [owner]
+        else:
+            targets = [n for n in names
+                       if any(hp.name == key for hp in registry.strategies.get(n).hparams)]
+            if not targets:
+                raise CfbenchError(f"unknown hyperparameter '{key}': none of "
+                                   f"{', '.join(names)} declares it (see `cfbench list "
+                                   "strategies`)")
+        for target in targets:
+            out.setdefault(target, {})[key] = value
+    return out
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from cfbench import registry
+
+    for path in args.plugin:
+        load_plugin(path)
+    reg = registry.strategies if args.kind == "strategies" else registry.scenarios
+    names = reg.names(args.pattern)
+    if not names:
+        raise CfbenchError(f"no {args.kind} match '{args.pattern}'; try `cfbench list "
+                           f"{args.kind}`")
+    for name in names:
+        entry = reg.get(name)
+        hps = ", ".join(f"{hp.name}: {hp.type_name} = {hp.default!r}" for hp in entry.hparams)
+        print(f"{name:<22} [{entry.family}] {entry.summary}")
+        print(f"{'':<22} settings: {', '.join(entry.settings)}"
+              + (f"; reference: {entry.reference}" if entry.reference else ""))
+        if hps:
+            print(f"{'':<22} {'hyperparameters' if args.kind == 'strategies' else 'options'}: "
+                  f"{hps}")
+    return 0
+
+
+def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.epochs is not None:
+        overrides.update(epochs=args.epochs, iterations=None)
+    if args.iterations is not None:
+        overrides.update(iterations=args.iterations, epochs=None)
+    for field in ("batch_size", "optimizer", "lr", "model"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
+    return overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from cfbench import registry
+    from cfbench.data import data_root
+    from cfbench.experiment import execute, load_scenario, plan_runs
+    from cfbench.leaderboard import CAPTION, render, summarize
+    from cfbench.records import DEFAULT_OUT, write_record
+
+    for path in args.plugin:
+        load_plugin(path)
+    entry = registry.scenarios.get(args.scenario)
+    settings = list(entry.settings) if args.setting == "all" else _csv(args.setting)
+    if args.tasks is not None and not any(hp.name == "tasks" for hp in entry.hparams):
+        raise CfbenchError(f"--tasks does not apply to scenario '{args.scenario}'; it has a "
+                           "fixed task sequence")
+    root = data_root(args.data_root)
+    configs = plan_runs(
+        scenario=args.scenario, settings=settings, strategies=args.strategy,
+        hparams=parse_hparams(args.hp, args.strategy), seeds=range(args.seeds),
+        scenario_seed=args.scenario_seed,
+        scenario_options={"tasks": args.tasks} if args.tasks is not None else {},
+        protocol_overrides=_protocol_overrides(args), device=args.device, data_root=root,
+    )
+    out = Path(args.out) if args.out else DEFAULT_OUT
+    first = configs[0]
+    n_tasks = len(load_scenario(first.scenario, first.scenario_options, first.scenario_seed,
+                                root, first.device).tasks)
+    records, failed = [], []
+    with tqdm(total=len(configs) * n_tasks, unit="task", disable=args.quiet,
+              desc=f"{len(configs)} runs") as bar:
+        for config in configs:
+            bar.set_postfix_str(f"{config.setting}/{config.strategy}/seed {config.seed}")
+            record = execute(config, root, on_task=lambda done, total: bar.update(1))
+            bar.n = bar.total * (len(records) + 1) // len(configs)  # a failed run ends early
+            path = write_record(record, out)
+            records.append(record)
+            if record.status != "ok":
+                failed.append(f"{record.run_id} ({config.setting}/{config.strategy}/seed "
+                              f"{config.seed}): {record.error}")
+                bar.write(f"run failed: {failed[-1]}; record in {path}")
+    if any(r.status == "ok" for r in records):
+        print(render(summarize(records), args.format), end="")
+        if args.format in ("text", "md"):
+            print(f"\n{CAPTION}\n{len(records)} run records in {out}/")
+    if failed:
+        print(f"{len(failed)} run(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from cfbench.records import DEFAULT_OUT, find_record
+
+    record = find_record(args.run_id, Path(args.out) if args.out else DEFAULT_OUT)
+    c = record.config
+    print(f"run {record.run_id}  status {record.status}  {record.started_at} -> "
+          f"{record.finished_at}")
+    print(f"{c['scenario']} / {c['setting']} / {c['strategy']}  seed {c['seed']}  scenario seed "
+          f"{c['scenario_seed']}  device {c['device']}")
+    print(f"hyperparameters: {c['hparams']}")
+    print(f"protocol: {c['protocol']}")
+    if record.error:
+        print(f"error: {record.error}")
+    if record.R:
+        names = [t["name"] for t in record.tasks] or [str(i + 1) for i in range(len(record.R[0]))]
+        print("\nR (accuracy %, row t = after training task t; row 0 = before training)")
+        print("      " + " ".join(f"{n:>7}" for n in names))
+        for t, row in enumerate(record.R):
+            print(f"t={t:<3} " + " ".join(f"{100 * v:7.2f}" for v in row))
+    print("\nmetrics: " + ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()))
+    print("cost: " + ", ".join(f"{k}={v}" for k, v in record.cost.items()))
+    return 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from cfbench.leaderboard import CAPTION, render, summarize
+    from cfbench.records import DEFAULT_OUT, read_records
+
+    records = read_records(Path(args.records) if args.records else DEFAULT_OUT)
+    if args.scenario:
+        records = [r for r in records if r.config["scenario"] == args.scenario]
+    if not any(r.status == "ok" for r in records):
+        raise CfbenchError("no successful run records to tabulate; run `cfbench run` first or "
+                           "pass --records DIR")
+    print(render(summarize(records), args.format), end="")
+    if args.format in ("text", "md"):
+        print(f"\n{CAPTION}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from cfbench.data import data_root, fetch
+
+    path = fetch(args.name, data_root(args.data_root))
+    print(f"{args.name}: verified files in {path}")
+    return 0
+
+
+COMMANDS = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show,
+            "leaderboard": _cmd_leaderboard, "data": _cmd_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CfbenchError as exc:
+        print(f"cfbench: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cfbench: interrupted; finished runs are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""From a request to run records: plan (validate everything first), then execute each run.
+
+`plan_runs` resolves and checks every name, hyperparameter, protocol field and data file before
+anything trains, so bad input fails fast and writes nothing. `execute` runs one configuration
+through the scenario and fills R, the metrics and the costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfbench import metrics, registry
+from cfbench.cost import Stopwatch, peak_gpu_bytes, peak_rss_bytes, reset_peak_memory
+from cfbench.errors import CfbenchError
+from cfbench.models import build_model
+from cfbench.records import RunConfig, RunRecord, environment
+from cfbench.scenario import Scenario, Setting
+from cfbench.strategy import TrainContext, build_strategy, resolve_hparams
+from cfbench.train import evaluate, train_task
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CfbenchError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CfbenchError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    return str(device)
+
+
+def load_scenario(name: str, options: Mapping[str, Any], seed: int, data_root: Path,
+                  device: str) -> Scenario:
+    """Build (once per process) a registered scenario with its tasks on `device`."""
+    return _load_scenario(name, tuple(sorted(options.items())), seed, data_root, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_scenario(name: str, options: tuple, seed: int, data_root: Path, device: str
+                   ) -> Scenario:
+    entry = registry.scenarios.get(name)
+    scenario = entry.factory(data_root=data_root, seed=seed, **dict(options))
+    return scenario.to(device)
+
+
+def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[str],
+              hparams: Mapping[str, Mapping[str, Any]], seeds: Sequence[int],
+              scenario_seed: int = 0, scenario_options: Mapping[str, Any] | None = None,
+              protocol_overrides: Mapping[str, Any] | None = None, device: str = "cpu",
+              data_root: Path) -> list[RunConfig]:
+    """Every run of the grid settings x strategies x seeds, fully resolved and validated."""
+    entry = registry.scenarios.get(scenario)
+    options = entry.resolve(scenario_options or {})
+    device = resolve_device(device)
+    for setting in settings:
+        if setting not in entry.settings:
+            raise CfbenchError(f"scenario '{scenario}' has no setting '{setting}'; choose from "
+                               f"{', '.join(entry.settings)}")
+    built = load_scenario(scenario, options, scenario_seed, data_root, device)
+    try:
+        protocol = dataclasses.replace(built.protocol, **(protocol_overrides or {}))
+    except TypeError as exc:
+        raise CfbenchError(f"bad protocol override: {exc}") from None
+    build_model(protocol.model, built.input_shape, 1)  # a bad --model fails before any run
+    unused = set(hparams) - {n for s in strategies for n in s.split("+")}
+    if unused:
+        raise CfbenchError(f"hyperparameters given for {', '.join(sorted(unused))}, which is not "
+                           "among the strategies run")
+    configs = []
+    for strategy in strategies:
+        own = {n: hparams[n] for n in strategy.split("+") if n in hparams}
+        resolved = resolve_hparams(strategy, own)
+        for setting in settings:
+            build_strategy(strategy, resolved, setting)  # fail now on values __init__ rejects
+            configs += [RunConfig(scenario, setting, strategy, resolved, options, scenario_seed,
+                                  seed, protocol, device) for seed in seeds]
+    return configs
+
+
+def parameter_drift(model: torch.nn.Module, start: Mapping[str, torch.Tensor]) -> float:
+    """RMS change of the parameters present at the start (shared ones; added heads excluded)."""
+    total, count = 0.0, 0
+    for name, p in model.named_parameters():
+        if name in start and start[name].shape == p.shape:
+            total += float((p.detach() - start[name]).pow(2).sum())
+            count += p.numel()
+    return math.sqrt(total / count) if count else math.nan
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def execute(config: RunConfig, data_root: Path,
+            on_task: Callable[[int, int], None] | None = None) -> RunRecord:
+    """Run one configuration. A failure inside training is returned as a failed record."""
+    record = RunRecord(run_id=config.run_id, config=config.to_dict(), started_at=_now(),
+                       env=environment(config.device))
+    try:
+        _fill(record, config, data_root, on_task)
+    except CfbenchError:
+        raise
+    except Exception as exc:  # a diverging or crashing strategy must not take the grid down
+        record.status = "failed"
+        record.error = f"{type(exc).__name__}: {exc}"
+        record.traceback = traceback.format_exc(limit=8)
+    record.finished_at = _now()
+    return record
+
+
+def _fill(record: RunRecord, config: RunConfig, data_root: Path,
+          on_task: Callable[[int, int], None] | None) -> None:
+    device = torch.device(config.device)
+    scenario = load_scenario(config.scenario, config.scenario_options, config.scenario_seed,
+                             data_root, config.device)
+    scenario = dataclasses.replace(scenario, protocol=config.protocol)
+    setting = Setting(scenario, config.setting)
+    record.tasks = [{"name": t.name, "classes": list(t.classes), "n_train": len(t.y_train),
+                     "n_test": len(t.y_test)} for t in scenario.tasks]
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.protocol.model, scenario.input_shape, setting.n_outputs)
+    model = model.to(device)
+    strategy = build_strategy(config.strategy, config.hparams, config.setting)
+    ctx = TrainContext(
+        model=model, scenario=scenario, setting=setting, device=device,
+        generator=torch.Generator().manual_seed(config.seed),
+        batch_generator=torch.Generator().manual_seed(config.seed + 1_000_003),
+    )
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
+    reset_peak_memory(device)
+
+    strategy.setup(ctx)
+    with eval_clock:
+        R = [evaluate(ctx)]
+    steps = []
+    for t, task in enumerate(scenario.tasks):
+        ctx.task_index = t
+        with train_clock:
+            steps.append(train_task(ctx, strategy, task))
+        with eval_clock:
+            R.append(evaluate(ctx))
+        if on_task:
+            on_task(t + 1, len(scenario.tasks))
+
+    record.R = R
+    record.metrics = {**metrics.all_metrics(R), "drift": parameter_drift(model, start)}
+    record.cost = {
+        "train_seconds": train_clock.seconds,
+        "eval_seconds": eval_clock.seconds,
+        "steps": sum(steps),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_gpu_bytes": peak_gpu_bytes(device),
+        "state_bytes": strategy.state_bytes(),
+    }
+

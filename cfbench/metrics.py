@@ -1,0 +1,84 @@
+"""Continual-learning metrics as pure functions of the accuracy matrix R.
+
+R has T+1 rows and T columns, values in [0, 1]: row 0 is measured before any training, row t
+after training task t; column i is task i (1-based in the formulas, 0-based in the array).
+Undefined values (T = 1, a zero denominator) are NaN, never an exception.
+
+- ACC = mean_i R[T,i]                                 average final accuracy
+- LA  = mean_i R[i,i]                                 learning accuracy (plasticity)
+- BWT = 1/(T-1) sum_{i<T} (R[T,i] - R[i,i])           Lopez-Paz & Ranzato 2017
+- FWT = 1/(T-1) sum_{i>=2} (R[i-1,i] - R[0,i])        same paper; row 0 is the baseline b_i
+- FM  = mean_{i<T} (max_{t in 1..T-1} R[t,i] - R[T,i])  Chaudhry et al. 2018
+- REM = mean_{i<T} 100 * R[T,i] / R[i,i]              % of each old task's accuracy kept
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+METRICS = ("acc", "la", "bwt", "fwt", "fm", "rem")
+
+
+def _matrix(R: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+    m = np.asarray(R, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] + 1 or m.shape[1] < 1:
+        raise ValueError(f"R must have T+1 rows and T >= 1 columns, got shape {m.shape}")
+    return m
+
+
+def acc(R) -> float:
+    m = _matrix(R)
+    return float(m[-1].mean())
+
+
+def learning_accuracy(R) -> float:
+    m = _matrix(R)
+    T = m.shape[1]
+    return float(np.mean([m[i, i - 1] for i in range(1, T + 1)]))
+
+
+def bwt(R) -> float:
+    m = _matrix(R)
+    T = m.shape[1]
+    if T < 2:
+        return math.nan
+    return float(np.mean([m[T, i - 1] - m[i, i - 1] for i in range(1, T)]))
+
+
+def fwt(R) -> float:
+    m = _matrix(R)
+    T = m.shape[1]
+    if T < 2:
+        return math.nan
+    # Task i sits in column i-1; R[i-1, i] is its accuracy just before it is trained.
+    return float(np.mean([m[i - 1, i - 1] - m[0, i - 1] for i in range(2, T + 1)]))
+
+
+def forgetting(R) -> float:
+    m = _matrix(R)
+    T = m.shape[1]
+    if T < 2:
+        return math.nan
+    return float(np.mean([m[1:T, i - 1].max() - m[T, i - 1] for i in range(1, T)]))
+
+
+def remembering(R) -> float:
+    """Mean over old tasks of 100 * R[T,i] / R[i,i]; tasks never learned (R[i,i]=0) are left out."""
+    m = _matrix(R)
+    T = m.shape[1]
+    kept = [100.0 * m[T, i - 1] / m[i, i - 1] for i in range(1, T) if m[i, i - 1] > 0]
+    return float(np.mean(kept)) if kept else math.nan
+
+
+def transfer_remembering(R) -> float:
+    """REM of a transfer scenario: 100 * R[T,0] / R[0,0], the source task's accuracy kept."""
+    m = _matrix(R)
+    return 100.0 * float(m[-1, 0] / m[0, 0]) if m[0, 0] > 0 else math.nan
+
+
+def all_metrics(R) -> dict[str, float]:
+    return {"acc": acc(R), "la": learning_accuracy(R), "bwt": bwt(R), "fwt": fwt(R),
+            "fm": forgetting(R), "rem": remembering(R)}

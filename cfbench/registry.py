@@ -1,0 +1,234 @@
+"""Name -> factory registries for strategies and scenarios, with typed hyperparameters.
+
+A strategy is a class and a scenario a function; both are registered with a decorator that
+records metadata (family, reference, supported settings). Their hyperparameters are the typed
+keyword arguments of the class's ``__init__`` (or of the function), so the signature is the one
+place a hyperparameter is declared: name, type and default. Built-ins are imported lazily on the
+first lookup, then third-party packages through entry points (``cfbench.strategies`` /
+``cfbench.scenarios``), whose import registers their names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Literal, TypeVar, Union
+
+from cfbench.errors import CfbenchError
+
+SETTINGS = ("task", "domain", "class")
+"""Task-incremental (task label at test), domain-incremental (shared within-task labels) and
+class-incremental (one head over all classes, no task label)."""
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class HyperParam:
+    """One typed keyword argument of a strategy or scenario, with its default."""
+
+    name: str
+    type: Any
+    default: Any
+
+    @property
+    def type_name(self) -> str:
+        if typing.get_origin(self.type) is Literal:
+            return "|".join(str(c) for c in typing.get_args(self.type))
+        return getattr(self.type, "__name__", str(self.type).replace("typing.", ""))
+
+    def coerce(self, value: Any, owner: str) -> Any:
+        """Return `value` as this parameter's type (parsing strings), or raise CfbenchError."""
+        try:
+            return _coerce(self.type, value)
+        except (TypeError, ValueError) as exc:
+            raise CfbenchError(
+                f"bad value {value!r} for hyperparameter '{self.name}' of {owner}: expected "
+                f"{self.type_name} ({exc}); e.g. --hp {self.name}={self.default!r}"
+            ) from None
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"choose one of {', '.join(map(str, args))}")
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or str(value).lower() == "none"):
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(args[0], item.strip() if isinstance(item, str) else item)
+                     for item in items if item != "")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ValueError("use true or false")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("not an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError("not a number")
+        result = float(value)
+        if result != result:
+            raise ValueError("NaN is not allowed")
+        return result
+    if tp is str:
+        return str(value)
+    raise TypeError(f"unsupported hyperparameter type {tp!r}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered strategy or scenario: its factory and what the listing shows of it."""
+
+    name: str
+    factory: Callable[..., Any]
+    kind: str
+    family: str
+    reference: str
+    settings: tuple[str, ...]
+    hparams: tuple[HyperParam, ...]
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.factory) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with `given`, each value checked and coerced to its declared type."""
+        known = {hp.name: hp for hp in self.hparams}
+        for key in given:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                valid = ", ".join(known) or "none"
+                raise CfbenchError(
+                    f"unknown hyperparameter '{key}' for {self.kind} '{self.name}'{hint}; "
+                    f"valid: {valid}"
+                )
+        return {
+            name: hp.coerce(given[name], f"{self.kind} '{self.name}'") if name in given
+            else hp.default
+            for name, hp in known.items()
+        }
+
+
+def _hparams_of(factory: Callable[..., Any], reserved: tuple[str, ...]) -> tuple[HyperParam, ...]:
+    hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    params = []
+    for name, param in inspect.signature(factory).parameters.items():
+        if name in reserved:
+            continue
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            # Positional hyperparameters would make `--hp` order-dependent.
+            raise TypeError(f"{factory.__qualname__}: hyperparameter '{name}' must be keyword-only")
+        if param.default is inspect.Parameter.empty or name not in hints:
+            raise TypeError(f"{factory.__qualname__}: hyperparameter '{name}' needs a type and a "
+                            "default")
+        tp = hints[name]
+        _coerce(tp, param.default)  # fails at registration if the type is unsupported
+        params.append(HyperParam(name, tp, param.default))
+    return tuple(params)
+
+
+class Registry:
+    """Names of one kind (strategies or scenarios), filled by decorators and entry points."""
+
+    def __init__(self, kind: str, plural: str, builtin_package: str, group: str,
+                 reserved: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.plural = plural
+        self._builtin_package = builtin_package
+        self._group = group
+        self._reserved = reserved
+        self._entries: dict[str, Entry] = {}
+        self._loaded = False
+
+    def register(self, name: str, *, family: str = "other", reference: str = "",
+                 settings: tuple[str, ...] = SETTINGS) -> Callable[[F], F]:
+        """Decorator that registers a class or function under `name`."""
+        if "+" in name or not name.strip():
+            raise ValueError(f"invalid {self.kind} name {name!r}: '+' composes strategies")
+        unknown = set(settings) - set(SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}; use {SETTINGS}")
+
+        def decorate(factory: F) -> F:
+            if name in self._entries:
+                other = self._entries[name].factory
+                raise CfbenchError(
+                    f"duplicate {self.kind} name '{name}': already registered by "
+                    f"{other.__module__}.{other.__qualname__}; pick another name"
+                )
+            self._entries[name] = Entry(name, factory, self.kind, family, reference,
+                                        tuple(settings), _hparams_of(factory, self._reserved))
+            return factory
+
+        return decorate
+
+    def load(self) -> None:
+        """Import the built-ins and every installed plugin package (once)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        importlib.import_module(self._builtin_package)
+        for ep in entry_points(group=self._group):
+            try:
+                ep.load()
+            except Exception as exc:
+                raise CfbenchError(
+                    f"plugin entry point '{ep.name} = {ep.value}' (group {self._group}) failed "
+                    f"to import: {type(exc).__name__}: {exc}; fix or uninstall that package"
+                ) from exc
+
+    def get(self, name: str) -> Entry:
+        self.load()
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise CfbenchError(
+                f"unknown {self.kind} '{name}'{hint}; see `cfbench list {self.plural}`"
+            )
+        return self._entries[name]
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Registered names matching a shell-style wildcard, sorted."""
+        self.load()
+        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+
+    def unregister(self, name: str) -> None:
+        """Remove a name (tests and interactive sessions that redefine a plugin)."""
+        self._entries.pop(name, None)
+
+
+strategies = Registry("strategy", "strategies", "cfbench.strategies", "cfbench.strategies")
+scenarios = Registry("scenario", "scenarios", "cfbench.scenarios", "cfbench.scenarios",
+                     reserved=("data_root", "seed"))
+
+register_strategy = strategies.register
+register_scenario = scenarios.register

@@ -1,0 +1,156 @@
+"""Tasks, scenarios, training protocols and the three incremental settings.
+
+A Scenario is an ordered list of Tasks plus the Protocol every strategy trains under. Labels are
+stored once, in the *global* label space (split-mnist: the digit; permuted-mnist task t: 10*t +
+digit); the setting decides what the network is asked to output:
+
+- task:   one unit per global label; each sample's logits are masked to its own task's labels
+          (the usual "multi-head" evaluation, with the task label known at test).
+- domain: one shared unit per within-task label (the position of the label in ``task.classes``).
+- class:  one unit per global label, no task label; logits are masked to the labels of the tasks
+          seen so far (``Protocol.class_scope="seen"``, the default) or not at all ("all").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from cfbench.errors import CfbenchError
+from cfbench.registry import SETTINGS
+
+
+@dataclass
+class Task:
+    """One task: uint8 inputs and int64 global labels, resident on the scenario's device."""
+
+    name: str
+    classes: tuple[int, ...]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Task:
+        return dataclasses.replace(
+            self, **{f: getattr(self, f).to(device) for f in ("x_train", "y_train", "x_test",
+                                                                "y_test")})
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The training budget and optimiser every strategy gets in a scenario. Recorded in full."""
+
+    model: str = "mlp:400,400"
+    epochs: float | None = 1.0
+    iterations: int | None = None
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    eval_batch_size: int = 4096
+    class_scope: str = "seen"
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.iterations is None):
+            raise CfbenchError("set exactly one of --epochs or --iterations")
+        if self.epochs is not None and self.epochs <= 0:
+            raise CfbenchError(f"--epochs must be positive, got {self.epochs}")
+        if self.iterations is not None and self.iterations <= 0:
+            raise CfbenchError(f"--iterations must be positive, got {self.iterations}")
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise CfbenchError("--batch-size must be a positive integer")
+        if self.optimizer not in ("sgd", "adam"):
+            raise CfbenchError(f"unknown optimizer '{self.optimizer}'; use sgd or adam")
+        if not self.lr > 0:
+            raise CfbenchError(f"--lr must be positive, got {self.lr}")
+        if self.class_scope not in ("seen", "all"):
+            raise CfbenchError(f"class_scope must be 'seen' or 'all', got {self.class_scope!r}")
+
+    def steps(self, n_train: int) -> int:
+        """Optimizer steps for a task with `n_train` training samples (last batch may be short)."""
+        if self.iterations is not None:
+            return self.iterations
+        return max(1, math.ceil(self.epochs * n_train / self.batch_size - 1e-9))
+
+
+@dataclass
+class Scenario:
+    """An ordered list of tasks, their input normalisation, and the protocol they train under."""
+
+    name: str
+    tasks: list[Task]
+    protocol: Protocol
+    settings: tuple[str, ...] = SETTINGS
+    mean: float = 0.0
+    std: float = 1.0
+    n_classes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_classes = 1 + max(c for t in self.tasks for c in t.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.tasks[0].x_train.shape[1:])
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 inputs of a minibatch -> normalised float32 (done per batch, never stored)."""
+        return (x.float() * (1.0 / 255.0) - self.mean) * (1.0 / self.std)
+
+    def to(self, device: torch.device | str) -> Scenario:
+        return dataclasses.replace(self, tasks=[t.to(device) for t in self.tasks])
+
+
+class Setting:
+    """What the network outputs for each sample in one setting of a scenario."""
+
+    def __init__(self, scenario: Scenario, name: str) -> None:
+        if name not in scenario.settings:
+            raise CfbenchError(f"scenario '{scenario.name}' has no setting '{name}'; choose one of "
+                               f"{', '.join(scenario.settings)}")
+        self.name = name
+        self.scenario = scenario
+        device = scenario.tasks[0].x_train.device
+        n_tasks = len(scenario.tasks)
+        if name == "domain":
+            self.n_outputs = max(len(t.classes) for t in scenario.tasks)
+            lookup = torch.full((scenario.n_classes,), -1, dtype=torch.long)
+            for task in scenario.tasks:
+                for position, label in enumerate(task.classes):
+                    if int(lookup[label]) not in (-1, position):
+                        raise CfbenchError(f"label {label} has two positions in domain setting")
+                    lookup[label] = position
+            self._target_lookup: torch.Tensor | None = lookup.to(device)
+        else:
+            self.n_outputs = scenario.n_classes
+            self._target_lookup = None
+        # task_masks[t, u]: unit u belongs to task t; seen_masks[t, u]: to a task <= t.
+        self.task_masks = torch.zeros(n_tasks, scenario.n_classes, dtype=torch.bool)
+        for t, task in enumerate(scenario.tasks):
+            self.task_masks[t, list(task.classes)] = True
+        self.seen_masks = self.task_masks.cumsum(0).bool()
+        self.task_masks = self.task_masks.to(device)
+        self.seen_masks = self.seen_masks.to(device)
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        """Global labels -> output-unit indices."""
+        return y if self._target_lookup is None else self._target_lookup[y]
+
+    def mask(self, task_ids: torch.Tensor, current_task: int) -> torch.Tensor | None:
+        """Boolean (batch, units) mask of the logits each sample may predict, or None for all.
+
+        `current_task` is the last task trained on: in the class setting the model may choose
+        among every label seen up to it (row 0 of R, before training, uses task 0's labels).
+        """
+        if self.name == "task":
+            return self.task_masks[task_ids]
+        if self.name == "class" and self.scenario.protocol.class_scope == "seen":
+            return self.seen_masks[max(current_task, 0)].expand(len(task_ids), -1)
+        return None
+
+
+def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits with the units a sample may not predict set to -inf (exactly excluded)."""
+    return logits if mask is None else logits.masked_fill(~mask, float("-inf"))

@@ -1,0 +1,237 @@
+"""The strategy hook protocol, the context hooks see, and composition (``ewc+replay``).
+
+A strategy never owns the training loop: the one loop in ``cfbench.train`` calls these hooks at
+fixed points, so every strategy trains under the same budget and can be composed with others.
+The same hooks can be called from a user's own PyTorch loop (see the README).
+
+Hook order per task::
+
+    before_task -> train_data -> param_groups -> [batch -> forward -> penalty -> backward
+    -> after_backward -> optimizer.step -> after_step] x steps -> after_task
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cfbench import registry
+from cfbench.errors import CfbenchError
+from cfbench.scenario import Scenario, Setting, Task, apply_mask
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+
+@dataclass
+class TrainData:
+    """What one task trains on: uint8 inputs, global labels and each sample's task index."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    task: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @staticmethod
+    def cat(parts: Iterable[TrainData]) -> TrainData:
+        parts = list(parts)
+        return TrainData(*(torch.cat([getattr(p, f) for p in parts]) for f in ("x", "y", "task")))
+
+
+@dataclass
+class Batch:
+    """A minibatch as the model sees it: float inputs, output-unit targets, task indices."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    task: torch.Tensor
+
+
+@dataclass
+class TrainContext:
+    """Everything a hook may read: the model, the scenario and setting, where training is."""
+
+    model: nn.Module
+    scenario: Scenario
+    setting: Setting
+    device: torch.device
+    generator: torch.Generator
+    """Seeded from the training seed; use it for any randomness a strategy needs."""
+    batch_generator: torch.Generator
+    """Draws the minibatch order; kept apart so a strategy's sampling never changes it."""
+    task_index: int = -1
+    step: int = 0
+    optimizer: torch.optim.Optimizer | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def task_data(self, index: int, split: str = "train") -> TrainData:
+        """Task `index`'s train or test split, each sample tagged with the task index."""
+        task = self.scenario.tasks[index]
+        x, y = (task.x_train, task.y_train) if split == "train" else (task.x_test, task.y_test)
+        return TrainData(x, y, torch.full_like(y, index))
+
+    def make_batch(self, data: TrainData, idx: torch.Tensor | slice) -> Batch:
+        return Batch(self.scenario.prepare(data.x[idx]), self.setting.targets(data.y[idx]),
+                     data.task[idx])
+
+    def logits(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
+        """Masked logits of `model` (default: the trained one) for a batch at this point."""
+        out = (model or self.model)(batch.x)
+        return apply_mask(out, self.setting.mask(batch.task, self.task_index))
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(logits, batch.y)
+
+
+class Strategy:
+    """Base class: every hook is a no-op. Subclass, override what you need, register it.
+
+    Hyperparameters are the keyword-only, typed, defaulted arguments of ``__init__``.
+    """
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Once, after the model is built and before row 0 of R is evaluated."""
+
+    def before_task(self, ctx: TrainContext, task: Task) -> None:
+        """Freeze modules, add adapters, snapshot a teacher."""
+
+    def train_data(self, ctx: TrainContext, task: Task, data: TrainData) -> TrainData:
+        """The samples this task's minibatches are drawn from (joint training widens them)."""
+        return data
+
+    def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups for this task; None means every trainable parameter."""
+        return None
+
+    def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
+        """Change a minibatch before the forward pass (replay mixes in memory samples)."""
+        return batch
+
+    def penalty(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor
+                ) -> torch.Tensor | None:
+        """A term added to the loss (EWC, L2-SP, distillation), or None."""
+        return None
+
+    def after_backward(self, ctx: TrainContext) -> None:
+        """Edit gradients before the optimizer step (projection, protection)."""
+
+    def after_step(self, ctx: TrainContext) -> None:
+        """After each optimizer step (path integrals, early-stopping checks)."""
+
+    def after_task(self, ctx: TrainContext, task: Task) -> None:
+        """After a task's last step (Fisher, importances, buffer update)."""
+
+    def state_bytes(self) -> int:
+        """Bytes the strategy keeps between tasks (buffers, Fisher, teacher copies)."""
+        return 0
+
+
+HOOKS = ("setup", "before_task", "train_data", "param_groups", "batch", "penalty",
+         "after_backward", "after_step", "after_task")
+
+
+def overrides(strategy: Strategy, hook: str) -> bool:
+    """True if the strategy's class defines `hook` itself (the loop skips no-op hooks)."""
+    return getattr(type(strategy), hook) is not getattr(Strategy, hook)
+
+
+class Compose(Strategy):
+    """Several strategies as one: data and batches chain, penalties add, hooks run in order."""
+
+    def __init__(self, parts: list[Strategy]) -> None:
+        self.parts = parts
+        setters = [type(p).__name__ for p in parts if overrides(p, "param_groups")]
+        if len(setters) > 1:
+            raise CfbenchError(f"cannot compose {' and '.join(setters)}: both set optimizer "
+                               "parameter groups; use one of them")
+
+    def _with(self, hook: str) -> list[Strategy]:
+        return [p for p in self.parts if overrides(p, hook)]
+
+    def setup(self, ctx: TrainContext) -> None:
+        for p in self._with("setup"):
+            p.setup(ctx)
+
+    def before_task(self, ctx: TrainContext, task: Task) -> None:
+        for p in self._with("before_task"):
+            p.before_task(ctx, task)
+
+    def train_data(self, ctx: TrainContext, task: Task, data: TrainData) -> TrainData:
+        for p in self._with("train_data"):
+            data = p.train_data(ctx, task, data)
+        return data
+
+    def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
+        for p in self._with("param_groups"):
+            return p.param_groups(ctx)
+        return None
+
+    def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
+        for p in self._with("batch"):
+            batch = p.batch(ctx, batch)
+        return batch
+
+    def penalty(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor
+                ) -> torch.Tensor | None:
+        terms = [t for p in self._with("penalty") if (t := p.penalty(ctx, batch, logits))
+                 is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def after_backward(self, ctx: TrainContext) -> None:
+        for p in self._with("after_backward"):
+            p.after_backward(ctx)
+
+    def after_step(self, ctx: TrainContext) -> None:
+        for p in self._with("after_step"):
+            p.after_step(ctx)
+
+    def after_task(self, ctx: TrainContext, task: Task) -> None:
+        for p in self._with("after_task"):
+            p.after_task(ctx, task)
+
+    def state_bytes(self) -> int:
+        return sum(p.state_bytes() for p in self.parts)
+
+
+def strategy_names(spec: str) -> list[str]:
+    """``"ewc+replay"`` -> ``["ewc", "replay"]``; each must be registered."""
+    names = [n.strip() for n in spec.split("+")]
+    if not all(names) or len(set(names)) != len(names):
+        raise CfbenchError(f"bad strategy '{spec}': join distinct registered names with '+', "
+                           "e.g. ewc+replay")
+    for name in names:
+        registry.strategies.get(name)
+    return names
+
+
+def resolve_hparams(spec: str, given: Mapping[str, Mapping[str, Any]]
+                    ) -> dict[str, dict[str, Any]]:
+    """Full, typed hyperparameters of each part of `spec` (defaults overlaid with `given`)."""
+    names = strategy_names(spec)
+    stray = set(given) - set(names)
+    if stray:
+        raise CfbenchError(f"hyperparameters given for {', '.join(sorted(stray))}, which is not "
+                           f"part of strategy '{spec}'")
+    return {n: registry.strategies.get(n).resolve(given.get(n, {})) for n in names}
+
+
+def build_strategy(spec: str, hparams: Mapping[str, Mapping[str, Any]], setting: str
+                   ) -> Strategy:
+    """Instantiate a (possibly composed) strategy with resolved hyperparameters."""
+    parts = []
+    for name in strategy_names(spec):
+        entry = registry.strategies.get(name)
+        if setting not in entry.settings:
+            raise CfbenchError(f"strategy '{name}' does not support the {setting} setting; it "
+                               f"supports {', '.join(entry.settings)}")
+        try:
+            parts.append(entry.factory(**hparams[name]))
+        except ValueError as exc:
+            raise CfbenchError(f"bad hyperparameters for strategy '{name}': {exc}") from None
+    return parts[0] if len(parts) == 1 else Compose(parts)

@@ -1,0 +1,101 @@
+"""The one training loop and the evaluator, shared by every strategy.
+
+Data stays on the device; minibatches are index slices of a seeded permutation (no DataLoader,
+no per-sample Python). Hooks a strategy does not override are never called, so naive fine-tuning
+costs what a bare PyTorch loop costs. Nothing in the step loop synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from cfbench.scenario import Protocol, Task
+from cfbench.strategy import Strategy, TrainContext, overrides
+
+
+def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator,
+                      device: torch.device) -> Iterator[torch.Tensor]:
+    """`steps` index batches: consecutive slices of fresh permutations of range(n).
+
+    Each pass over the data is one permutation, split into batches of `batch_size` (the last one
+    of a pass may be shorter), so an integer number of epochs visits every sample exactly once
+    per epoch.
+    """
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=generator).to(device)
+        for idx in perm.split(batch_size):
+            yield idx
+            done += 1
+            if done == steps:
+                return
+
+
+def make_optimizer(protocol: Protocol, params: list) -> torch.optim.Optimizer:
+    if protocol.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=protocol.lr)
+    return torch.optim.Adam(params, lr=protocol.lr)
+
+
+def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> int:
+    """Train on the task at ``ctx.task_index`` for the protocol's budget; returns the steps.
+
+    The budget is set by the task's own training-set size, whatever data the strategy trains
+    on, so a strategy can change what is learned but never how long.
+    """
+    protocol = ctx.scenario.protocol
+    model = ctx.model
+    has_batch = overrides(strategy, "batch")
+    has_penalty = overrides(strategy, "penalty")
+    has_after_backward = overrides(strategy, "after_backward")
+    has_after_step = overrides(strategy, "after_step")
+
+    strategy.before_task(ctx, task)
+    data = strategy.train_data(ctx, task, ctx.task_data(ctx.task_index))
+    groups = strategy.param_groups(ctx) or [p for p in model.parameters() if p.requires_grad]
+    optimizer = ctx.optimizer = make_optimizer(protocol, groups)
+    steps = protocol.steps(len(task.y_train))
+    model.train()
+    for idx in minibatch_indices(len(data), protocol.batch_size, steps, ctx.batch_generator,
+                                 ctx.device):
+        batch = ctx.make_batch(data, idx)
+        if has_batch:
+            batch = strategy.batch(ctx, batch)
+        logits = ctx.logits(batch)
+        loss = ctx.loss(logits, batch)
+        if has_penalty:
+            extra = strategy.penalty(ctx, batch, logits)
+            if extra is not None:
+                loss = loss + extra
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if has_after_backward:
+            strategy.after_backward(ctx)
+        optimizer.step()
+        ctx.step += 1
+        if has_after_step:
+            strategy.after_step(ctx)
+    strategy.after_task(ctx, task)
+    return steps
+
+
+@torch.inference_mode()
+def evaluate(ctx: TrainContext) -> list[float]:
+    """Test accuracy on every task of the scenario: one row of R (as of ``ctx.task_index``)."""
+    scenario, model = ctx.scenario, ctx.model
+    was_training = model.training
+    model.eval()
+    correct = []
+    size = scenario.protocol.eval_batch_size
+    for i in range(len(scenario.tasks)):
+        data = ctx.task_data(i, "test")
+        hits = torch.zeros((), dtype=torch.long, device=ctx.device)
+        for start in range(0, len(data), size):
+            batch = ctx.make_batch(data, slice(start, start + size))
+            hits += (ctx.logits(batch).argmax(1) == batch.y).sum()
+        correct.append(hits)
+    counts = torch.stack(correct).tolist()  # the one host sync of an evaluation
+    model.train(was_training)
+    return [c / len(t.y_test) for c, t in zip(counts, scenario.tasks, strict=True)]
