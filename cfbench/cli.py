@@ -115,6 +115,9 @@ def load_plugin(path: str) -> None:
     registry.strategies.load()
     registry.scenarios.load()
     name = f"cfbench_plugin_{file.stem.replace('-', '_')}"
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(loaded.__file__ or "").resolve() == file.resolve():
+        return  # the same file named twice registers once
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
         raise CfbenchError(f"plugin file {path} is not an importable Python file")
@@ -133,8 +136,9 @@ def load_plugin(path: str) -> None:
 def parse_hparams(items: Sequence[str], strategies: Sequence[str]) -> dict[str, dict[str, str]]:
     """``["ewc.lam=10", "gamma=0.9"]`` -> per-strategy dicts of raw string values."""
     from cfbench import registry
+    from cfbench.strategy import strategy_names
 
-    names = sorted({n for spec in strategies for n in spec.split("+")})
+    names = sorted({n for spec in strategies for n in strategy_names(spec)})
     out: dict[str, dict[str, str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -178,15 +182,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    if args.epochs is not None:
-        overrides.update(epochs=args.epochs, iterations=None)
-    if args.iterations is not None:
-        overrides.update(iterations=args.iterations, epochs=None)
-    for field in ("batch_size", "optimizer", "lr", "model"):
-        if getattr(args, field) is not None:
-            overrides[field] = getattr(args, field)
-    return overrides
+    fields = ("epochs", "iterations", "batch_size", "optimizer", "lr", "model")
+    return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

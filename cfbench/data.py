@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,13 +81,17 @@ def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
                            "the dataset again")
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise CfbenchError(f"{source} is truncated inside its header; delete it and fetch the "
+                           "dataset again")
     shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
         raise CfbenchError(f"{source} is truncated or corrupt ({len(raw)} bytes, expected "
                            f"{expected}); delete it and fetch the dataset again")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    # A copy: writable, and free of the raw bytes it came from.
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).copy()
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
@@ -94,7 +99,7 @@ def _read_maybe_gzip(path: Path) -> bytes:
     if data[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise CfbenchError(f"{path} is a corrupt gzip file ({exc}); delete it and fetch the "
                                "dataset again") from None
     return data
@@ -264,24 +269,29 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _install(name: str, found: Path, target: Path, progress: bool) -> None:
-    """Decompress, verify and move each file into `target`; nothing is replaced on failure."""
+    """Decompress and verify every file, then move them into `target`.
+
+    Nothing is written until all four files verify, so a bad source leaves no trace.
+    """
     files = {}
     for filename in IDX_FILES:
         path = _find(found, filename)
         if path is None:
             raise FileNotFoundError(f"{filename} missing in what the source provided")
         files[filename] = path
-    target.mkdir(parents=True, exist_ok=True)
-    staged = []
+    verified = {}
     bar = tqdm(total=sum(p.stat().st_size for p in files.values()), unit="B", unit_scale=True,
                desc=f"verifying {name}", disable=not progress)
     with bar:
         for filename, path in files.items():
-            raw = _read_maybe_gzip(path)
-            _verify(name, filename, raw, path)
-            tmp = target / f".{filename}.partial"
-            tmp.write_bytes(raw)
-            staged.append((tmp, target / filename))
+            verified[filename] = _read_maybe_gzip(path)
+            _verify(name, filename, verified[filename], path)
             bar.update(path.stat().st_size)
-    for tmp, final in staged:
-        os.replace(tmp, final)
+    target.mkdir(parents=True, exist_ok=True)
+    for filename, raw in verified.items():
+        partial = target / f".{filename}.partial"
+        try:
+            partial.write_bytes(raw)
+            os.replace(partial, target / filename)
+        finally:
+            partial.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from cfbench.errors import CfbenchError
 from cfbench.models import build_model
 from cfbench.records import RunConfig, RunRecord, environment
 from cfbench.scenario import Scenario, Setting
-from cfbench.strategy import TrainContext, build_strategy, resolve_hparams
+from cfbench.strategy import TrainContext, build_strategy, resolve_hparams, strategy_names
 from cfbench.train import evaluate, train_task
 
 
@@ -68,18 +68,24 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
             raise CfbenchError(f"scenario '{scenario}' has no setting '{setting}'; choose from "
                                f"{', '.join(entry.settings)}")
     built = load_scenario(scenario, options, scenario_seed, data_root, device)
+    overrides = dict(protocol_overrides or {})
+    # A budget given in one unit replaces the scenario's budget in the other.
+    if overrides.get("iterations") is not None:
+        overrides.setdefault("epochs", None)
+    if overrides.get("epochs") is not None:
+        overrides.setdefault("iterations", None)
     try:
-        protocol = dataclasses.replace(built.protocol, **(protocol_overrides or {}))
+        protocol = dataclasses.replace(built.protocol, **overrides)
     except TypeError as exc:
         raise CfbenchError(f"bad protocol override: {exc}") from None
     build_model(protocol.model, built.input_shape, 1)  # a bad --model fails before any run
-    unused = set(hparams) - {n for s in strategies for n in s.split("+")}
+    unused = set(hparams) - {n for s in strategies for n in strategy_names(s)}
     if unused:
         raise CfbenchError(f"hyperparameters given for {', '.join(sorted(unused))}, which is not "
                            "among the strategies run")
     configs = []
-    for strategy in strategies:
-        own = {n: hparams[n] for n in strategy.split("+") if n in hparams}
+    for strategy in ("+".join(strategy_names(s)) for s in strategies):
+        own = {n: hparams[n] for n in strategy_names(strategy) if n in hparams}
         resolved = resolve_hparams(strategy, own)
         for setting in settings:
             build_strategy(strategy, resolved, setting)  # fail now on values __init__ rejects

@@ -62,8 +62,9 @@ def _coerce(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Literal:
-        if value in args:
-            return value
+        for choice in args:  # from the command line every value arrives as a string
+            if value == choice or str(value) == str(choice):
+                return choice
         raise ValueError(f"choose one of {', '.join(map(str, args))}")
     if origin in (Union, types.UnionType):
         if type(None) in args and (value is None or str(value).lower() == "none"):
@@ -151,7 +152,11 @@ def _hparams_of(factory: Callable[..., Any], reserved: tuple[str, ...]) -> tuple
             raise TypeError(f"{factory.__qualname__}: hyperparameter '{name}' needs a type and a "
                             "default")
         tp = hints[name]
-        _coerce(tp, param.default)  # fails at registration if the type is unsupported
+        try:
+            _coerce(tp, param.default)
+        except ValueError as exc:
+            raise TypeError(f"{factory.__qualname__}: default {param.default!r} of '{name}' does "
+                            f"not fit its type ({exc})") from None
         params.append(HyperParam(name, tp, param.default))
     return tuple(params)
 
@@ -195,7 +200,6 @@ class Registry:
         """Import the built-ins and every installed plugin package (once)."""
         if self._loaded:
             return
-        self._loaded = True
         importlib.import_module(self._builtin_package)
         for ep in entry_points(group=self._group):
             try:
@@ -205,6 +209,7 @@ class Registry:
                     f"plugin entry point '{ep.name} = {ep.value}' (group {self._group}) failed "
                     f"to import: {type(exc).__name__}: {exc}; fix or uninstall that package"
                 ) from exc
+        self._loaded = True  # only now: after a failure every later lookup reports it again
 
     def get(self, name: str) -> Entry:
         self.load()

@@ -42,8 +42,10 @@ def make_optimizer(protocol: Protocol, params: list) -> torch.optim.Optimizer:
 def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> int:
     """Train on the task at ``ctx.task_index`` for the protocol's budget; returns the steps.
 
-    The budget is set by the task's own training-set size, whatever data the strategy trains
-    on, so a strategy can change what is learned but never how long.
+    With ``iterations`` every strategy takes exactly that many steps. With ``epochs``, an epoch
+    is one pass over the data the strategy trains on: the task's own data for all but
+    strategies that widen it in ``train_data`` (joint training passes over the union, as
+    cumulative training does in the literature, and its cost shows it).
     """
     protocol = ctx.scenario.protocol
     model = ctx.model
@@ -56,7 +58,7 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> int:
     data = strategy.train_data(ctx, task, ctx.task_data(ctx.task_index))
     groups = strategy.param_groups(ctx) or [p for p in model.parameters() if p.requires_grad]
     optimizer = ctx.optimizer = make_optimizer(protocol, groups)
-    steps = protocol.steps(len(task.y_train))
+    steps = protocol.steps(len(data))
     model.train()
     for idx in minibatch_indices(len(data), protocol.batch_size, steps, ctx.batch_generator,
                                  ctx.device):

@@ -13,9 +13,9 @@ class Naive(Strategy):
 
 
 @register_strategy("joint", family="baseline",
-                   reference="cumulative / joint training (upper bound)")
+                   reference="cumulative joint training (upper bound)")
 class Joint(Strategy):
-    """Trains on the union of all tasks seen so far, with the same number of steps per task.
+    """Trains on the union of all tasks seen so far (cumulative training, the upper bound).
 
     Keeps references to earlier tasks' training tensors: its state is all the data seen.
     """

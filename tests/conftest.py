@@ -1,0 +1,23 @@
+"""Shared fixtures: real MNIST (fetched once, verified) and a one-call way to run an experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cfbench.data import data_root, fetch
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The data root with verified MNIST; fetched on first use (honours $CFBENCH_DATA)."""
+    root = data_root()
+    fetch("mnist", root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """split-digits needs no files; any root will do."""
+    return tmp_path_factory.mktemp("digits-root")

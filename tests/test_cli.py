@@ -1,0 +1,179 @@
+"""The command line as a user drives it: runs, records, show, leaderboard, and every bad input
+answered by one line on stderr, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cfbench.cli import main
+from cfbench.data import IDX_FILES
+
+CFBENCH = str(Path(sys.executable).parent / "cfbench")
+DIGITS = ["run", "--scenario", "split-digits", "--quiet"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CFBENCH, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_run_writes_one_record_per_run_and_prints_the_leaderboard(tmp_path):
+    out = tmp_path / "records"
+    proc = cli(*DIGITS, "--setting", "class", "--strategy", "ewc,naive", "--seeds", "2",
+               "--epochs", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert len(records) == 4
+    for record in records:
+        assert len(record["R"]) == 6 and len(record["R"][0]) == 5
+        assert record["cost"]["train_seconds"] > 0 and record["cost"]["eval_seconds"] > 0
+        assert set(record["metrics"]) >= {"acc", "bwt", "fwt", "fm", "rem", "la", "drift"}
+        assert record["config"]["protocol"]["epochs"] == 1
+        assert record["schema_version"] == 1 and record["status"] == "ok"
+    assert sorted(r["config"]["seed"] for r in records) == [0, 0, 1, 1]
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:6] == ["scenario", "setting", "strategy", "ACC", "BWT", "FWT"]
+    assert any("split-digits" in line and "ewc" in line and line.rstrip().endswith("2")
+               for line in lines)
+    assert "Traceback" not in proc.stderr
+
+
+def test_show_and_leaderboard_read_the_records_back(tmp_path, capsys):
+    out = tmp_path / "records"
+    assert main([*DIGITS, "--setting", "task", "--strategy", "naive", "--out", str(out)]) == 0
+    (record_file,) = out.glob("*.json")
+    run_id = record_file.stem
+    capsys.readouterr()
+    assert main(["show", run_id[:8], "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert run_id in shown and "t=5" in shown and "split-digits / task / naive" in shown
+    assert main(["leaderboard", "--records", str(out), "--format", "csv"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("scenario,setting,strategy,ACC")
+    assert table[1].startswith("split-digits,task,naive,")
+
+
+def test_default_output_directory_is_results_runs(tmp_path):
+    proc = cli(*DIGITS, "--setting", "domain", "--strategy", "naive", "--iterations", "5",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 1
+
+
+def test_plugin_strategy_runs_from_the_command_line(tmp_path):
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text(
+        "from cfbench import Strategy, register_strategy\n\n"
+        "@register_strategy('my-method', family='demo', reference='me 2026')\n"
+        "class MyMethod(Strategy):\n"
+        "    '''Naive with an L2 pull to zero.'''\n"
+        "    def __init__(self, *, weight: float = 0.1) -> None:\n"
+        "        self.weight = weight\n\n"
+        "    def penalty(self, ctx, batch, logits):\n"
+        "        return self.weight * sum(p.pow(2).sum() for p in ctx.model.parameters())\n")
+    out = tmp_path / "records"
+    proc = cli(*DIGITS, "--plugin", str(plugin), "--setting", "task", "--strategy",
+               "my-method", "--hp", "weight=0.01", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (record,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert record["config"]["strategy"] == "my-method"
+    assert record["config"]["hparams"] == {"my-method": {"weight": 0.01}}
+
+
+@pytest.fixture(scope="module")
+def corrupt_root(mnist_root, tmp_path_factory):
+    """A copy of the real MNIST files with one byte of the test labels changed."""
+    root = tmp_path_factory.mktemp("corrupt")
+    (root / "mnist").mkdir()
+    for name in IDX_FILES:
+        shutil.copy(mnist_root / "mnist" / name, root / "mnist" / name)
+    labels = root / "mnist" / "t10k-labels-idx1-ubyte"
+    raw = bytearray(labels.read_bytes())
+    raw[100] = (raw[100] + 1) % 10
+    labels.write_bytes(bytes(raw))
+    return root
+
+
+BAD_INPUTS = {
+    "unknown strategy": (["--strategy", "ewk"], "unknown strategy 'ewk'; did you mean ewc"),
+    "unknown scenario": (["--strategy", "naive", "--scenario", "split-mnsit"],
+                         "unknown scenario 'split-mnsit'; did you mean split-mnist"),
+    "unknown setting": (["--strategy", "naive", "--setting", "online"],
+                        "has no setting 'online'"),
+    "unknown hyperparameter": (["--strategy", "ewc", "--hp", "ewc.lamda=3"],
+                               "unknown hyperparameter 'lamda' for strategy 'ewc' (did you "
+                               "mean lam"),
+    "ill-typed hyperparameter": (["--strategy", "ewc", "--hp", "lam=strong"],
+                                 "bad value 'strong' for hyperparameter 'lam'"),
+    "out-of-range hyperparameter": (["--strategy", "ewc", "--hp", "lam=-1"],
+                                    "lam must be >= 0"),
+    "hyperparameter nobody declares": (["--strategy", "naive", "--hp", "lam=1"],
+                                       "unknown hyperparameter 'lam'"),
+    "bad model": (["--strategy", "naive", "--model", "mlp:wide"], "bad model spec"),
+    "tasks for a fixed sequence": (["--strategy", "naive", "--tasks", "3"],
+                                   "--tasks does not apply"),
+    "missing plugin": (["--strategy", "naive", "--plugin", "nowhere.py"],
+                       "plugin file nowhere.py does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    args, expected = BAD_INPUTS[case]
+    out = tmp_path / "records"
+    base = ["run", "--scenario", "split-digits", "--quiet", "--out", str(out)]
+    assert main([*base, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cfbench: error: ") and err.count("\n") == 1
+    assert expected in err
+    assert not out.exists()
+
+
+def test_missing_data_names_the_fetch_command(tmp_path, capsys):
+    out = tmp_path / "records"
+    code = main(["run", "--scenario", "split-mnist", "--strategy", "naive", "--data-root",
+                 str(tmp_path / "empty"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "not found" in err and "cfbench data fetch mnist" in err
+    assert not out.exists()
+
+
+def test_corrupt_data_is_a_checksum_error(corrupt_root, tmp_path, capsys):
+    out = tmp_path / "records"
+    code = main(["run", "--scenario", "split-mnist", "--strategy", "naive", "--data-root",
+                 str(corrupt_root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "checksum mismatch" in err and "t10k-labels-idx1-ubyte" in err
+    assert not out.exists()
+
+
+def test_argument_errors_exit_2_without_a_traceback():
+    proc = cli("run", "--scenario", "split-digits", "--strategy", "naive", "--epochs", "-1")
+    assert proc.returncode == 2
+    assert "expected a positive number" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_real_cli_reports_bad_input_without_a_traceback(tmp_path):
+    proc = cli(*DIGITS, "--strategy", "nope", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("cfbench: error: unknown strategy 'nope'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_show_unknown_run_is_exit_2(tmp_path, capsys):
+    assert main(["show", "deadbeef", "--out", str(tmp_path)]) == 2
+    assert "no run with id 'deadbeef'" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands():
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for command in ("list", "run", "show", "leaderboard", "data"):
+        assert command in proc.stdout

@@ -1,0 +1,109 @@
+"""Scenarios build the task sequences the literature describes, from the real files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cfbench import registry
+from cfbench.errors import CfbenchError
+from cfbench.scenario import Setting, apply_mask
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def build(name, root, seed=0, **options):
+    return registry.scenarios.get(name).factory(data_root=root, seed=seed, **options)
+
+
+def test_split_mnist_is_five_disjoint_pairs_of_digits(mnist_root):
+    scenario = build("split-mnist", mnist_root)
+    assert [t.classes for t in scenario.tasks] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    for task, (a, b) in zip(scenario.tasks, [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)],
+                            strict=True):
+        assert set(task.y_train.unique().tolist()) == {a, b}
+        assert len(task.y_train) == MNIST_TRAIN_COUNTS[a] + MNIST_TRAIN_COUNTS[b]
+        assert task.x_train.dtype == torch.uint8 and task.x_train.shape[1:] == (1, 28, 28)
+    assert sum(len(t.y_test) for t in scenario.tasks) == 10_000
+    assert scenario.protocol.epochs == 4 and scenario.protocol.model == "mlp:400,400"
+
+
+def test_shuffled_class_order_follows_the_scenario_seed(mnist_root):
+    a = build("split-mnist", mnist_root, seed=3, shuffle_classes=True)
+    b = build("split-mnist", mnist_root, seed=3, shuffle_classes=True)
+    c = build("split-mnist", mnist_root, seed=4, shuffle_classes=True)
+    assert [t.classes for t in a.tasks] == [t.classes for t in b.tasks]
+    assert [t.classes for t in a.tasks] != [t.classes for t in c.tasks]
+    assert sorted(c for t in a.tasks for c in t.classes) == list(range(10))
+
+
+def test_permuted_mnist_permutes_pixels_per_task_from_the_scenario_seed(mnist_root):
+    a = build("permuted-mnist", mnist_root, seed=0, tasks=3)
+    b = build("permuted-mnist", mnist_root, seed=0, tasks=3)
+    c = build("permuted-mnist", mnist_root, seed=1, tasks=3)
+    assert len(a.tasks) == 3
+    assert torch.equal(a.tasks[2].x_train[:50], b.tasks[2].x_train[:50])
+    assert not torch.equal(a.tasks[0].x_train[:50], c.tasks[0].x_train[:50])
+    first, second = a.tasks[0].x_train[:20].flatten(1), a.tasks[1].x_train[:20].flatten(1)
+    assert not torch.equal(first, second)
+    # The same images, only the pixel order differs.
+    assert torch.equal(first.sort(1).values, second.sort(1).values)
+    assert a.tasks[1].classes == tuple(range(10, 20))
+    assert torch.equal(a.tasks[1].y_train, a.tasks[0].y_train + 10)
+
+
+def test_split_digits_is_stratified_and_seeded(digits_root):
+    a = build("split-digits", digits_root, seed=0)
+    b = build("split-digits", digits_root, seed=1)
+    total = sum(len(t.y_train) + len(t.y_test) for t in a.tasks)
+    assert total == 1797
+    for task in a.tasks:
+        for c in task.classes:
+            share = (task.y_test == c).sum() / ((task.y_test == c).sum() + (task.y_train == c)
+                                                .sum())
+            assert abs(float(share) - 0.3) < 0.01
+    assert not torch.equal(a.tasks[0].x_test, b.tasks[0].x_test)
+    assert int(a.tasks[0].x_train.max()) == 255
+
+
+@pytest.fixture(scope="module")
+def digits_scenario(digits_root):
+    return build("split-digits", digits_root)
+
+
+def test_domain_setting_maps_labels_to_their_position_in_the_task(digits_scenario):
+    setting = Setting(digits_scenario, "domain")
+    assert setting.n_outputs == 2
+    assert setting.targets(torch.tensor([0, 1, 2, 3, 8, 9])).tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_task_setting_masks_each_sample_to_its_own_task(digits_scenario):
+    setting = Setting(digits_scenario, "task")
+    mask = setting.mask(torch.tensor([0, 3]), current_task=4)
+    assert mask[0].nonzero().flatten().tolist() == [0, 1]
+    assert mask[1].nonzero().flatten().tolist() == [6, 7]
+    logits = apply_mask(torch.zeros(2, 10), mask)
+    assert torch.isinf(logits[0, 2:]).all() and torch.isfinite(logits[0, :2]).all()
+
+
+def test_class_setting_predicts_among_the_classes_seen_so_far(digits_scenario):
+    setting = Setting(digits_scenario, "class")
+    after_two = setting.mask(torch.tensor([0, 4]), current_task=1)
+    assert after_two[1].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    before_training = setting.mask(torch.tensor([2]), current_task=-1)
+    assert before_training[0].nonzero().flatten().tolist() == [0, 1]
+
+
+def test_unknown_setting_is_a_clear_error(digits_scenario):
+    with pytest.raises(CfbenchError, match="no setting 'online'"):
+        Setting(digits_scenario, "online")
+
+
+def test_uint8_inputs_are_normalised_per_batch(mnist_root):
+    scenario = build("split-mnist", mnist_root)
+    x = scenario.prepare(scenario.tasks[0].x_train[:1000])
+    assert x.dtype == torch.float32
+    assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.3
+    assert np.isclose(float(scenario.prepare(torch.zeros(1, dtype=torch.uint8))),
+                      -0.1307 / 0.3081, atol=1e-5)
