@@ -154,13 +154,15 @@ class Compose(Strategy):
     def _with(self, hook: str) -> list[Strategy]:
         return [p for p in self.parts if overrides(p, hook)]
 
+    def _each(self, hook: str, *args: Any) -> None:
+        for part in self._with(hook):
+            getattr(part, hook)(*args)
+
     def setup(self, ctx: TrainContext) -> None:
-        for p in self._with("setup"):
-            p.setup(ctx)
+        self._each("setup", ctx)
 
     def before_task(self, ctx: TrainContext, task: Task) -> None:
-        for p in self._with("before_task"):
-            p.before_task(ctx, task)
+        self._each("before_task", ctx, task)
 
     def train_data(self, ctx: TrainContext, task: Task, data: TrainData) -> TrainData:
         for p in self._with("train_data"):
@@ -184,16 +186,13 @@ class Compose(Strategy):
         return sum(terms[1:], terms[0]) if terms else None
 
     def after_backward(self, ctx: TrainContext) -> None:
-        for p in self._with("after_backward"):
-            p.after_backward(ctx)
+        self._each("after_backward", ctx)
 
     def after_step(self, ctx: TrainContext) -> None:
-        for p in self._with("after_step"):
-            p.after_step(ctx)
+        self._each("after_step", ctx)
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:
-        for p in self._with("after_task"):
-            p.after_task(ctx, task)
+        self._each("after_task", ctx, task)
 
     def state_bytes(self) -> int:
         return sum(p.state_bytes() for p in self.parts)

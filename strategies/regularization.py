@@ -116,9 +116,11 @@ def diagonal_fisher(ctx: TrainContext, task_index: int, samples: int | None,
 class EWC(Strategy):
     """Elastic weight consolidation: a diagonal-Fisher-weighted pull toward old parameters.
 
-    penalty = lam/2 * sum_k sum_j F_k,j (theta_j - theta*_k,j)^2. `mode="separate"` keeps one
-    (Fisher, anchor) pair per task; `mode="online"` keeps one running Fisher
-    F <- gamma*F + F_new anchored at the latest parameters, so its state does not grow.
+    `mode="separate"` penalises lam/2 * sum_k F_k (theta - theta_k)^2 over every earlier task k.
+    That sum equals lam/2 * F (theta - mu)^2 plus a constant, with F = sum_k F_k and mu the
+    F_k-weighted mean of the theta_k, so it is stored and computed as one quadratic: the same
+    gradients, and state and step cost that do not grow with the number of tasks.
+    `mode="online"` keeps F <- gamma * F + F_new anchored at the latest parameters.
     """
 
     def __init__(self, *, lam: float = 1000.0, mode: Literal["separate", "online"] = "separate",
@@ -132,28 +134,36 @@ class EWC(Strategy):
             raise ValueError(f"fisher_samples must be positive or none, got {fisher_samples}")
         self.lam, self.mode, self.gamma = lam, mode, gamma
         self.fisher_labels, self.fisher_samples = fisher, fisher_samples
-        self.anchors: list[tuple[Params, Params]] = []  # (Fisher, parameters) per anchor
+        self.fisher: Params = {}
+        self.anchor: Params = {}
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:
-        fisher = diagonal_fisher(ctx, ctx.task_index, self.fisher_samples, self.fisher_labels)
-        theta = {n: p.detach().clone() for n, p in ctx.model.named_parameters()
-                 if n in fisher}
-        if self.mode == "online" and self.anchors:
-            old, _ = self.anchors[0]
-            fisher = {n: self.gamma * old[n] + f for n, f in fisher.items()}
-            self.anchors = []
-        self.anchors.append((fisher, theta))
+        new = diagonal_fisher(ctx, ctx.task_index, self.fisher_samples, self.fisher_labels)
+        theta = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if n in new}
+        if not self.fisher:
+            self.fisher, self.anchor = new, theta
+            return
+        for name, f_new in new.items():
+            f_old = self.fisher[name]
+            if self.mode == "online":
+                self.fisher[name] = self.gamma * f_old + f_new
+                self.anchor[name] = theta[name]
+            else:
+                total = f_old + f_new
+                weighted = f_old * self.anchor[name] + f_new * theta[name]
+                self.anchor[name] = torch.where(total > 0, weighted / total, theta[name])
+                self.fisher[name] = total
 
-    def penalty(self, ctx: TrainContext, batch, logits) -> torch.Tensor | None:
-        if not self.anchors or self.lam == 0:
-            return None
-        params = dict(ctx.model.named_parameters())
-        total = sum(
-            (f * (params[n] - theta[n]).pow(2)).sum()
-            for fisher, theta in self.anchors for n, f in fisher.items()
-        )
-        return 0.5 * self.lam * total
+    def after_backward(self, ctx: TrainContext) -> None:
+        """Adds the penalty's gradient, lam * F * (theta - mu), straight to .grad: the same
+        update as putting lam/2 * F (theta - mu)^2 in the loss, without an autograd graph."""
+        if not self.fisher or self.lam == 0:
+            return
+        for name, p in ctx.model.named_parameters():
+            if name in self.fisher and p.grad is not None:
+                p.grad.addcmul_(self.fisher[name], p.detach() - self.anchor[name],
+                                value=self.lam)
 
     def state_bytes(self) -> int:
         return sum(t.element_size() * t.numel()
-                   for pair in self.anchors for part in pair for t in part.values())
+                   for part in (self.fisher, self.anchor) for t in part.values())

@@ -177,3 +177,20 @@ def test_help_lists_the_commands():
     assert proc.returncode == 0
     for command in ("list", "run", "show", "leaderboard", "data"):
         assert command in proc.stdout
+
+
+def test_readme_plugin_example_runs_as_documented(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("```python\n# my_method.py\n", 1)[1].split("```", 1)[0]
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text(code)
+    out = tmp_path / "records"
+    proc = cli(*DIGITS, "--plugin", str(plugin), "--setting", "task", "--strategy",
+               "l2-init,naive", "--hp", "weight=0.1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    records = {r["config"]["strategy"]: r for r in
+               (json.loads(p.read_text()) for p in out.glob("*.json"))}
+    assert records["l2-init"]["config"]["hparams"] == {"l2-init": {"weight": 0.1}}
+    assert records["l2-init"]["cost"]["state_bytes"] > 0
+    # The pull toward the start keeps the parameters closer to it than naive's.
+    assert records["l2-init"]["metrics"]["drift"] < records["naive"]["metrics"]["drift"]

@@ -298,7 +298,7 @@ def test_build_composed_strategy_sums_state_bytes():
     joint.seen.append(TrainData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8),
                                 torch.zeros(4, dtype=torch.int64),
                                 torch.zeros(4, dtype=torch.int64)))
-    ewc.anchors.append(({"w": torch.zeros(3)}, {"w": torch.zeros(3)}))
+    ewc.fisher, ewc.anchor = {"w": torch.zeros(3)}, {"w": torch.zeros(3)}
     assert joint.state_bytes() == 16 + 32 + 32 and ewc.state_bytes() == 24
     assert strategy.state_bytes() == 104
 
