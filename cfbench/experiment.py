@@ -50,7 +50,10 @@ def load_scenario(name: str, options: Mapping[str, Any], seed: int, data_root: P
 def _load_scenario(name: str, options: tuple, seed: int, data_root: Path, device: str
                    ) -> Scenario:
     entry = registry.scenarios.get(name)
-    scenario = entry.factory(data_root=data_root, seed=seed, **dict(options))
+    try:
+        scenario = entry.factory(data_root=data_root, seed=seed, **dict(options))
+    except ValueError as exc:
+        raise CfbenchError(f"bad options for scenario '{name}': {exc}") from None
     return scenario.to(device)
 
 
