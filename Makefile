@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+	$(BIN)/python -m pytest benchmarks -s --benchmark-only --benchmark-columns=min,median,max,rounds
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

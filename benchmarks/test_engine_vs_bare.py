@@ -4,8 +4,9 @@ Both do the same arithmetic on Split MNIST, class setting, full default protocol
 400-10, Adam 1e-3, batch 128, 4 epochs per task, evaluation on every task before training and
 after each task). The bare loop is what a careful person writes by hand: float tensors
 normalised once up front, slices of a permutation, logits masked to the classes seen so far.
-They alternate in one process so machine noise hits both alike; the ratio is the result.
-Target: engine / bare <= 1.2.
+They alternate in one process so machine noise hits both alike; the ratio of the fastest
+rounds is the result (on a shared machine the minimum is the least noisy estimate of what each
+costs). Target: engine / bare <= 1.2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from cfbench.experiment import execute, load_scenario, plan_runs
 from cfbench.models import build_model
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def bare_loop(scenario, seed: int) -> list[list[float]]:
@@ -77,8 +78,9 @@ def test_naive_through_the_engine_costs_at_most_1_2x_a_bare_loop(benchmark, mnis
         assert sum(R[-1]) / 5 < 0.3  # the same catastrophic forgetting
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    ratio = statistics.median(engine_s) / statistics.median(bare_s)
+    ratio = min(engine_s) / min(bare_s)
     benchmark.extra_info.update(engine_seconds=engine_s, bare_seconds=bare_s, ratio=ratio)
-    print(f"\nengine {statistics.median(engine_s):.2f} s, bare loop "
-          f"{statistics.median(bare_s):.2f} s, ratio {ratio:.3f}")
+    print(f"\nengine min {min(engine_s):.2f} s (median {statistics.median(engine_s):.2f}), "
+          f"bare loop min {min(bare_s):.2f} s (median {statistics.median(bare_s):.2f}), "
+          f"ratio of minima {ratio:.3f}")
     assert ratio <= 1.2
