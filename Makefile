@@ -1,6 +1,7 @@
 # The two commands of the README. Each creates .venv and installs what it needs on first use.
 #   make leaderboard   naive, joint and EWC on Split MNIST, all three settings
 #   make test          the test suite (what CI runs through .ci/run)
+#   make reference     the reference leaderboard in results/reference (3 seeds; ~30 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 # This machine's pip serves these CPU-capable builds from local disk; override elsewhere,
@@ -9,7 +10,9 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install leaderboard test bench lint
+.PHONY: install browser leaderboard reference test bench lint
+STRATEGIES ?= naive,joint,ewc
+REF := results/reference
 
 $(STAMP): pyproject.toml
 	@echo "Installing cfbench and torch into $(VENV) (first run only; torch is large)"
@@ -20,14 +23,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Headless Chromium and its driver for the HTML leaderboard test (Debian packages).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		chromium chromium-driver)
+
 leaderboard: $(STAMP)
 	$(BIN)/cfbench data fetch mnist
-	$(BIN)/cfbench run --scenario split-mnist --setting all --strategy naive,joint,ewc \
+	$(BIN)/cfbench run --scenario split-mnist --setting all --strategy $(STRATEGIES) \
 		--out results/split-mnist/runs
 	$(BIN)/cfbench leaderboard --records results/split-mnist/runs --format md \
-		> results/split-mnist/leaderboard.md
+		--out results/split-mnist
 
-test: $(STAMP)
+reference: $(STAMP)
+	$(BIN)/cfbench data fetch mnist
+	$(BIN)/cfbench run --scenario split-mnist --setting all --strategy $(STRATEGIES) \
+		--seeds 3 --out $(REF)/runs --quiet
+	$(BIN)/cfbench run --scenario permuted-mnist --setting domain --strategy $(STRATEGIES) \
+		--seeds 3 --out $(REF)/runs --quiet
+	$(BIN)/cfbench leaderboard --records $(REF)/runs --plots --out $(REF) \
+		--format md --format html --format csv --format json --format latex
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any
 
 from cfbench import __version__
 from cfbench.errors import CfbenchError
+
+# Kept here, not imported from the modules that use them, so that --help stays free of torch.
+FORMATS = ("text", "md", "csv", "json", "latex", "html")
+CONVENTIONS = ("cfbench", "gem", "mammoth")
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -83,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for run records (default results/runs)")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE",
                    help="Python file that registers strategies or scenarios (repeatable)")
-    p.add_argument("--format", choices=["text", "md", "csv", "json"], default="text",
+    p.add_argument("--format", choices=list(FORMATS), default="text",
                    help="format of the leaderboard printed at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -91,11 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", help="run id or a unique prefix of it")
     p.add_argument("--out", default=None, help="directory of run records (default results/runs)")
 
-    p = sub.add_parser("leaderboard", help="aggregate run records over seeds into a table")
+    p = sub.add_parser("leaderboard", help="aggregate run records over seeds into tables and "
+                                           "plots")
     p.add_argument("--records", default=None, help="directory of run records (default "
                                                    "results/runs)")
     p.add_argument("--scenario", default=None, help="only this scenario")
-    p.add_argument("--format", choices=["text", "md", "csv", "json"], default="text")
+    p.add_argument("--format", action="append", choices=list(FORMATS), default=None,
+                   help="text, md, csv, json, latex or html (repeatable; default text)")
+    p.add_argument("--convention", choices=list(CONVENTIONS), default="cfbench",
+                   help="metric convention: cfbench, or GEM's / Mammoth's to compare with "
+                        "numbers they publish")
+    p.add_argument("--out", default=None,
+                   help="write leaderboard.<ext> per format (and plots/) here instead of "
+                        "printing")
+    p.add_argument("--plots", action="store_true", help="also draw the figures (needs --out)")
 
     p = sub.add_parser("data", help="fetch and verify datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -159,7 +173,7 @@ def parse_hparams(items: Sequence[str], strategies: Sequence[str]) -> dict[str, 
     return out
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
+def _cmd_list(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench import registry
 
     for path in args.plugin:
@@ -186,13 +200,14 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from tqdm.auto import tqdm
 
     from cfbench import registry
     from cfbench.data import data_root
     from cfbench.experiment import execute, load_scenario, plan_runs
-    from cfbench.leaderboard import CAPTION, render, summarize
+    from cfbench.formats import render
+    from cfbench.leaderboard import Provenance, summarize
     from cfbench.records import DEFAULT_OUT, write_record
 
     for path in args.plugin:
@@ -220,6 +235,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for config in configs:
             bar.set_postfix_str(f"{config.setting}/{config.strategy}/seed {config.seed}")
             record = execute(config, root, on_task=lambda done, total: bar.update(1))
+            record.command = shlex.join(["cfbench", *(argv or sys.argv[1:])])
             bar.n = bar.total * (len(records) + 1) // len(configs)  # a failed run ends early
             path = write_record(record, out)
             records.append(record)
@@ -228,16 +244,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                               f"{config.seed}): {record.error}")
                 bar.write(f"run failed: {failed[-1]}; record in {path}")
     if any(r.status == "ok" for r in records):
-        print(render(summarize(records), args.format), end="")
-        if args.format in ("text", "md"):
-            print(f"\n{CAPTION}\n{len(records)} run records in {out}/")
+        print(render(summarize(records), args.format, Provenance.of(records, argv)), end="")
+        print(f"{len(records)} run records in {out}/", file=sys.stderr)
     if failed:
         print(f"{len(failed)} run(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)
         return EXIT_RUN_FAILED
     return 0
 
 
-def _cmd_show(args: argparse.Namespace) -> int:
+def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.records import DEFAULT_OUT, find_record
 
     record = find_record(args.run_id, Path(args.out) if args.out else DEFAULT_OUT)
@@ -261,23 +276,42 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from cfbench.leaderboard import CAPTION, render, summarize
+def _cmd_leaderboard(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from cfbench.formats import EXTENSIONS, render
+    from cfbench.leaderboard import Provenance, summarize
     from cfbench.records import DEFAULT_OUT, read_records
 
+    formats = args.format or ["text"]
+    if args.plots and not args.out:
+        raise CfbenchError("--plots writes files: give --out DIR")
+    if len(formats) > 1 and not args.out:
+        raise CfbenchError("several --format values write files: give --out DIR")
     records = read_records(Path(args.records) if args.records else DEFAULT_OUT)
     if args.scenario:
         records = [r for r in records if r.config["scenario"] == args.scenario]
     if not any(r.status == "ok" for r in records):
         raise CfbenchError("no successful run records to tabulate; run `cfbench run` first or "
                            "pass --records DIR")
-    print(render(summarize(records), args.format), end="")
-    if args.format in ("text", "md"):
-        print(f"\n{CAPTION}")
+    summary = summarize(records, args.convention)
+    provenance = Provenance.of(records, argv)
+    if not args.out:
+        print(render(summary, formats[0], provenance, args.convention), end="")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = None
+    if args.plots:
+        from cfbench.plots import plot_all
+
+        plots = plot_all(records, summary, out / "plots")
+    for fmt in formats:
+        path = out / f"leaderboard.{EXTENSIONS[fmt]}"
+        path.write_text(render(summary, fmt, provenance, args.convention, plots))
+        print(f"wrote {path}")
     return 0
 
 
-def _cmd_data(args: argparse.Namespace) -> int:
+def _cmd_data(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.data import data_root, fetch
 
     path = fetch(args.name, data_root(args.data_root))
@@ -292,7 +326,7 @@ COMMANDS = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show,
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args, argv)
     except CfbenchError as exc:
         print(f"cfbench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -25,7 +25,7 @@ from cfbench.models import build_model
 from cfbench.records import RunConfig, RunRecord, environment
 from cfbench.scenario import Scenario, Setting
 from cfbench.strategy import TrainContext, build_strategy, resolve_hparams, strategy_names
-from cfbench.train import evaluate, train_task
+from cfbench.train import evaluate, train_task, warm_up
 
 
 def resolve_device(name: str) -> str:
@@ -148,17 +148,18 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
         batch_generator=torch.Generator().manual_seed(config.seed + 1_000_003),
     )
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    warm_up()
     train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
     reset_peak_memory(device)
 
     strategy.setup(ctx)
     with eval_clock:
         R = [evaluate(ctx)]
-    steps = []
+    task_costs = []
     for t, task in enumerate(scenario.tasks):
         ctx.task_index = t
         with train_clock:
-            steps.append(train_task(ctx, strategy, task))
+            task_costs.append(train_task(ctx, strategy, task))
         with eval_clock:
             R.append(evaluate(ctx))
         if on_task:
@@ -169,7 +170,8 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
     record.cost = {
         "train_seconds": train_clock.seconds,
         "eval_seconds": eval_clock.seconds,
-        "steps": sum(steps),
+        "steps": sum(c.steps for c in task_costs),
+        "train_flops": sum(c.flops for c in task_costs),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_bytes": peak_gpu_bytes(device),
         "state_bytes": strategy.state_bytes(),

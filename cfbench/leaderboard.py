@@ -1,96 +1,169 @@
-"""Leaderboard tables aggregated over seeds from run records.
+"""Leaderboards: run records aggregated over seeds, ranked without over-claiming.
 
-Accuracy-type metrics are shown in % (R holds [0, 1]); REM is already a percentage.
-Conventions: BWT/FWT divide by T-1, FM takes the max over rows 1..T-1 (see cfbench.metrics).
+Metrics are recomputed from each record's R under the requested convention (records keep R, so
+a table in GEM's or Mammoth's convention needs no rerun). Per (scenario, setting, strategy,
+hyperparameters): mean, standard deviation and a 95% Student-t confidence interval over seeds.
+Within a (scenario, setting), the strategy with the best mean ACC is marked "best", and every
+other one whose per-seed ACC a Welch t-test cannot tell from the best's (p >= 0.05) "tied":
+a 0.1-point lead over 3 seeds is not a win.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+import math
+import platform
+import shlex
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
+from cfbench import metrics
 from cfbench.records import RunRecord
 
 if TYPE_CHECKING:
     import pandas as pd
 
-METRIC_COLUMNS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "fm": "FM", "rem": "REM",
-                  "la": "LA"}
-COST_COLUMNS = {"train_seconds": "train s", "eval_seconds": "eval s",
-                "peak_rss_bytes": "peak RSS MB", "peak_gpu_bytes": "peak GPU MB",
-                "state_bytes": "state MB"}
-GROUP = ["scenario", "setting", "strategy"]
-FORMATS = ("text", "md", "csv", "json")
+GROUP = ["scenario", "setting", "strategy", "hparams"]
+# column -> (label, unit, decimals); accuracy-type metrics in %, costs in natural units.
+COLUMNS: dict[str, tuple[str, str, int]] = {
+    "acc": ("ACC", "%", 1), "bwt": ("BWT", "%", 1), "fwt": ("FWT", "%", 1),
+    "fm": ("FM", "%", 1), "rem": ("REM", "%", 1), "la": ("LA", "%", 1),
+    "train_seconds": ("train s", "s", 1), "peak_rss_mb": ("peak RSS MB", "MB", 0),
+    "peak_gpu_mb": ("peak GPU MB", "MB", 0), "train_gflops": ("GFLOPs", "GFLOP", 1),
+    "state_mb": ("state MB", "MB", 2),
+}
+ALPHA = 0.05
 
 
-def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
-    """One row per successful run: config keys, metrics (in %) and costs (MB, seconds)."""
+def caption(convention: str) -> str:
+    divisor = "T" if convention == "gem" else "T-1"
+    rows = "1..T" if convention == "mammoth" else "1..T-1"
+    return (f"Mean ± 95% CI (Student t) over seeds. ACC, BWT, FWT, FM, LA in %; REM = % of each "
+            f"old task's accuracy kept. Convention '{convention}': BWT and FWT divide by "
+            f"{divisor}, FM takes the max over rows {rows}. 'best' = highest mean ACC in its "
+            f"scenario and setting; 'tied' = not distinguishable from it by a two-sided Welch "
+            f"t-test on per-seed ACC (p >= {ALPHA}; needs >= 2 seeds on both sides).")
+
+
+def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.DataFrame:
+    """One row per successful run: config keys, metrics (%, from R) and costs."""
     import pandas as pd
 
     rows = []
     for r in records:
         if r.status != "ok":
             continue
-        row = {"scenario": r.config["scenario"], "setting": r.config["setting"],
-               "strategy": r.config["strategy"], "seed": r.config["seed"]}
-        for key, name in METRIC_COLUMNS.items():
-            value = r.metrics.get(key, float("nan"))
-            row[name] = value if key == "rem" else 100.0 * value
-        for key, name in COST_COLUMNS.items():
-            value = r.cost.get(key)
-            row[name] = (float("nan") if value is None
-                         else value / 2**20 if name.endswith("MB") else value)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=[*GROUP, "seed", *METRIC_COLUMNS.values(),
-                                       *COST_COLUMNS.values()])
+        m = metrics.all_metrics(r.R, convention)
+        c = r.cost
+        rows.append({
+            "scenario": r.config["scenario"], "setting": r.config["setting"],
+            "strategy": r.config["strategy"],
+            "hparams": json.dumps(r.config["hparams"], sort_keys=True),
+            "seed": r.config["seed"],
+            **{k: (m[k] if k == "rem" else 100.0 * m[k]) for k in metrics.METRICS},
+            "train_seconds": c.get("train_seconds"),
+            "peak_rss_mb": _scaled(c.get("peak_rss_bytes"), 2**20),
+            "peak_gpu_mb": _scaled(c.get("peak_gpu_bytes"), 2**20),
+            "train_gflops": _scaled(c.get("train_flops"), 1e9),
+            "state_mb": _scaled(c.get("state_bytes"), 2**20),
+        })
+    return pd.DataFrame(rows, columns=[*GROUP, "seed", *COLUMNS])
 
 
-def summarize(records: Iterable[RunRecord]) -> pd.DataFrame:
-    """Mean and standard deviation over seeds per (scenario, setting, strategy)."""
-    frame = records_frame(records)
-    values = [c for c in frame.columns if c not in (*GROUP, "seed")]
-    grouped = frame.groupby(GROUP, sort=True)
-    out = grouped[values].mean()
-    std = grouped[values].std(ddof=1)
-    for c in values:
+def _scaled(value: float | None, unit: float) -> float:
+    return math.nan if value is None else value / unit
+
+
+def confidence_halfwidth(std: float, n: int, level: float = 0.95) -> float:
+    """Half-width of the Student-t confidence interval of a mean; NaN for n < 2."""
+    from scipy import stats
+
+    if n < 2 or std != std:
+        return math.nan
+    return float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided Welch t-test p-value; NaN when either side has fewer than 2 values.
+
+    Two constant samples are indistinguishable (p = 1) if equal and distinct (p = 0) if not.
+    """
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    if max(a) == min(a) and max(b) == min(b):
+        return 1.0 if a[0] == b[0] else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def summarize(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.DataFrame:
+    """Per group: `<col>` mean, `<col> std`, `<col> ci` (half-width), `seeds`, and `rank`
+    ("best", "tied" or "")."""
+    frame = records_frame(records, convention)
+    grouped = frame.groupby(GROUP, sort=True, dropna=False)
+    out = grouped[list(COLUMNS)].mean()
+    std = grouped[list(COLUMNS)].std(ddof=1)
+    n = grouped.size()
+    for c in COLUMNS:
         out[f"{c} std"] = std[c]
-    out["seeds"] = grouped.size()
-    return out.reset_index()
+        out[f"{c} ci"] = [confidence_halfwidth(s, k) for s, k in zip(std[c], n, strict=True)]
+    out["seeds"] = n
+    out = out.reset_index()
+    per_seed = {key: list(g["acc"]) for key, g in grouped}
+    out["rank"] = ""
+    for _, block in out.groupby(["scenario", "setting"]):
+        best = block["acc"].idxmax()
+        out.loc[best, "rank"] = "best"
+        best_acc = per_seed[tuple(out.loc[best, GROUP])]
+        for i in block.index.drop(best):
+            p = welch_p(per_seed[tuple(out.loc[i, GROUP])], best_acc)
+            if p == p and p >= ALPHA:
+                out.loc[i, "rank"] = "tied"
+    return out
 
 
-def _cell(mean: float, std: float, digits: int) -> str:
-    if mean != mean:
-        return "—"
-    if std == std:
-        return f"{mean:.{digits}f} ± {std:.{digits}f}"
-    return f"{mean:.{digits}f}"
+@dataclass
+class Provenance:
+    """Where a table came from: costs compare only on the same hardware and versions."""
 
+    command: str
+    generated_at: str
+    cfbench: list[str]
+    git_sha: list[str]
+    torch: list[str]
+    devices: list[str]
+    threads: list[int]
+    run_commands: list[str] = field(default_factory=list)
 
-def render(summary: pd.DataFrame, fmt: str = "text") -> str:
-    """The summary as a terminal table, Markdown, CSV or JSON."""
-    if fmt == "csv":
-        return summary.to_csv(index=False)
-    if fmt == "json":
-        return json.dumps(json.loads(summary.to_json(orient="records")), indent=1)
-    shown = ["ACC", "BWT", "FWT", "FM", "REM", "train s", "peak RSS MB"]
-    if summary["peak GPU MB"].notna().any():
-        shown.append("peak GPU MB")
-    header = [*GROUP, *shown, "seeds"]
-    rows = [[str(r[c]) for c in GROUP]
-            + [_cell(r[c], r[f"{c} std"], 1) for c in shown] + [str(r["seeds"])]
-            for _, r in summary.iterrows()]
-    if fmt == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines) + "\n"
+    @classmethod
+    def of(cls, records: Sequence[RunRecord], argv: Sequence[str] | None = None) -> Provenance:
+        def distinct(key: str) -> list:
+            return sorted({r.env.get(key) for r in records if r.env.get(key) is not None},
+                          key=str)
 
+        return cls(
+            command=shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)]),
+            generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            cfbench=distinct("cfbench"), git_sha=distinct("git_sha"), torch=distinct("torch"),
+            devices=distinct("device_name"), threads=distinct("threads"),
+            run_commands=sorted({r.command for r in records if r.command}),
+        )
 
-CAPTION = ("ACC, BWT, FWT, FM in % (mean ± std over seeds); REM = % of each old task's accuracy "
-           "kept; BWT/FWT divide by T-1; FM max over rows 1..T-1.")
+    def lines(self) -> list[str]:
+        lines = [f"produced by: {self.command}", f"generated: {self.generated_at} on "
+                 f"{platform.node() or 'unknown host'}"]
+        lines += [f"runs by: {c}" for c in self.run_commands]
+        shas = ", ".join(sha[:10] for sha in self.git_sha) or "unknown"
+        lines.append(f"cfbench {', '.join(self.cfbench)} (git {shas}), "
+                     f"torch {', '.join(self.torch)}")
+        threads = ", ".join(map(str, self.threads))
+        lines.append(f"hardware: {'; '.join(self.devices)}, {threads} threads (costs compare "
+                     "only on the same hardware)")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)

@@ -4,6 +4,12 @@ R has T+1 rows and T columns, values in [0, 1]: row 0 is measured before any tra
 after training task t; column i is task i (1-based in the formulas, 0-based in the array).
 Undefined values (T = 1, a zero denominator) are NaN, never an exception.
 
+Conventions, to compare with numbers other frameworks publish:
+- "cfbench" (default): as above.
+- "gem": GEM's code (Lopez-Paz & Ranzato) averages BWT and FWT over all T tasks, the terms it
+  cannot define counted as 0, i.e. it divides by T instead of T-1.
+- "mammoth": Mammoth's forgetting takes the max over rows 1..T, the last one included.
+
 - ACC = mean_i R[T,i]                                 average final accuracy
 - LA  = mean_i R[i,i]                                 learning accuracy (plasticity)
 - BWT = 1/(T-1) sum_{i<T} (R[T,i] - R[i,i])           Lopez-Paz & Ranzato 2017
@@ -20,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 METRICS = ("acc", "la", "bwt", "fwt", "fm", "rem")
+CONVENTIONS = ("cfbench", "gem", "mammoth")
 
 
 def _matrix(R: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
@@ -40,29 +47,32 @@ def learning_accuracy(R) -> float:
     return float(np.mean([m[i, i - 1] for i in range(1, T + 1)]))
 
 
-def bwt(R) -> float:
+def bwt(R, convention: str = "cfbench") -> float:
     m = _matrix(R)
     T = m.shape[1]
     if T < 2:
         return math.nan
-    return float(np.mean([m[T, i - 1] - m[i, i - 1] for i in range(1, T)]))
+    total = sum(m[T, i - 1] - m[i, i - 1] for i in range(1, T))
+    return float(total / (T if convention == "gem" else T - 1))
 
 
-def fwt(R) -> float:
+def fwt(R, convention: str = "cfbench") -> float:
     m = _matrix(R)
     T = m.shape[1]
     if T < 2:
         return math.nan
     # Task i sits in column i-1; R[i-1, i] is its accuracy just before it is trained.
-    return float(np.mean([m[i - 1, i - 1] - m[0, i - 1] for i in range(2, T + 1)]))
+    total = sum(m[i - 1, i - 1] - m[0, i - 1] for i in range(2, T + 1))
+    return float(total / (T if convention == "gem" else T - 1))
 
 
-def forgetting(R) -> float:
+def forgetting(R, convention: str = "cfbench") -> float:
     m = _matrix(R)
     T = m.shape[1]
     if T < 2:
         return math.nan
-    return float(np.mean([m[1:T, i - 1].max() - m[T, i - 1] for i in range(1, T)]))
+    last = T + 1 if convention == "mammoth" else T  # rows 1..T, or 1..T-1
+    return float(np.mean([m[1:last, i - 1].max() - m[T, i - 1] for i in range(1, T)]))
 
 
 def remembering(R) -> float:
@@ -79,6 +89,8 @@ def transfer_remembering(R) -> float:
     return 100.0 * float(m[-1, 0] / m[0, 0]) if m[0, 0] > 0 else math.nan
 
 
-def all_metrics(R) -> dict[str, float]:
-    return {"acc": acc(R), "la": learning_accuracy(R), "bwt": bwt(R), "fwt": fwt(R),
-            "fm": forgetting(R), "rem": remembering(R)}
+def all_metrics(R, convention: str = "cfbench") -> dict[str, float]:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown metric convention {convention!r}; use one of {CONVENTIONS}")
+    return {"acc": acc(R), "la": learning_accuracy(R), "bwt": bwt(R, convention),
+            "fwt": fwt(R, convention), "fm": forgetting(R, convention), "rem": remembering(R)}

@@ -73,6 +73,8 @@ class RunRecord:
     env: dict[str, Any] = field(default_factory=dict)
     started_at: str = ""
     finished_at: str = ""
+    command: str | None = None
+    """The command line that produced the run, when it came from the CLI."""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -7,9 +7,12 @@ costs what a bare PyTorch loop costs. Nothing in the step loop synchronises with
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cfbench.scenario import Protocol, Task
 from cfbench.strategy import Strategy, TrainContext, overrides
@@ -39,13 +42,34 @@ def make_optimizer(protocol: Protocol, params: list) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=protocol.lr)
 
 
-def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> int:
-    """Train on the task at ``ctx.task_index`` for the protocol's budget; returns the steps.
+@functools.cache
+def warm_up() -> None:
+    """Pay one-time process costs (the FLOP counter's lazy imports, about a second) once, before
+    any clock runs, so the first run in a process is not charged for them."""
+    layer = torch.nn.Linear(2, 2)
+    with FlopCounterMode(display=False):
+        layer(torch.zeros(1, 2)).sum().backward()
+
+
+@dataclass(frozen=True)
+class TaskCost:
+    """What training one task took: optimizer steps and their floating-point operations."""
+
+    steps: int
+    flops: int
+
+
+def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
+    """Train on the task at ``ctx.task_index`` for the protocol's budget.
 
     With ``iterations`` every strategy takes exactly that many steps. With ``epochs``, an epoch
     is one pass over the data the strategy trains on: the task's own data for all but
     strategies that widen it in ``train_data`` (joint training passes over the union, as
     cumulative training does in the literature, and its cost shows it).
+
+    FLOPs are counted once per task, on its first step (forward, penalty and backward,
+    replayed samples included), and multiplied by the number of steps; work a strategy does
+    outside the step (a Fisher estimate, a buffer update) is not counted.
     """
     protocol = ctx.scenario.protocol
     model = ctx.model
@@ -58,10 +82,8 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> int:
     data = strategy.train_data(ctx, task, ctx.task_data(ctx.task_index))
     groups = strategy.param_groups(ctx) or [p for p in model.parameters() if p.requires_grad]
     optimizer = ctx.optimizer = make_optimizer(protocol, groups)
-    steps = protocol.steps(len(data))
-    model.train()
-    for idx in minibatch_indices(len(data), protocol.batch_size, steps, ctx.batch_generator,
-                                 ctx.device):
+
+    def forward_backward(idx: torch.Tensor) -> None:
         batch = ctx.make_batch(data, idx)
         if has_batch:
             batch = strategy.batch(ctx, batch)
@@ -73,6 +95,18 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> int:
                 loss = loss + extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+    steps = protocol.steps(len(data))
+    step_flops = 0
+    model.train()
+    for i, idx in enumerate(minibatch_indices(len(data), protocol.batch_size, steps,
+                                              ctx.batch_generator, ctx.device)):
+        if i == 0:
+            with FlopCounterMode(display=False) as counter:
+                forward_backward(idx)
+            step_flops = counter.get_total_flops()
+        else:
+            forward_backward(idx)
         if has_after_backward:
             strategy.after_backward(ctx)
         optimizer.step()
@@ -80,7 +114,7 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> int:
         if has_after_step:
             strategy.after_step(ctx)
     strategy.after_task(ctx, task)
-    return steps
+    return TaskCost(steps, step_flops * steps)
 
 
 @torch.inference_mode()

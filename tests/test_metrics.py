@@ -86,3 +86,23 @@ def test_all_metrics_names_and_bad_shapes():
     assert set(metrics.all_metrics(R3)) == set(metrics.METRICS)
     with pytest.raises(ValueError, match="T\\+1 rows"):
         metrics.acc([[0.5, 0.5], [0.5, 0.5]])
+
+
+def test_gem_convention_divides_bwt_and_fwt_by_t():
+    assert metrics.bwt(R3, "gem") == pytest.approx(-0.60 / 3)
+    assert metrics.fwt(R3, "gem") == pytest.approx(0.15 / 3)
+    assert metrics.forgetting(R3, "gem") == metrics.forgetting(R3)
+
+
+def test_mammoth_convention_takes_forgetting_max_over_every_row():
+    # A task that improves after the last-but-one row: cfbench counts negative forgetting
+    # (-0.2), Mammoth's max over rows 1..T makes it 0.
+    R = [[0.0, 0.0], [0.5, 0.0], [0.7, 0.9]]
+    assert metrics.forgetting(R) == pytest.approx(-0.2)
+    assert metrics.forgetting(R, "mammoth") == 0.0
+    assert metrics.bwt(R, "mammoth") == metrics.bwt(R)
+
+
+def test_unknown_convention_is_an_error():
+    with pytest.raises(ValueError, match="unknown metric convention"):
+        metrics.all_metrics(R3, "avalanche")

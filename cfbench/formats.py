@@ -1,0 +1,237 @@
+"""A leaderboard summary rendered as a terminal table, Markdown, CSV, JSON, LaTeX or HTML.
+
+Every format carries the caption (conventions, the tie test) and the provenance. The HTML page
+is self-contained: inline CSS and JavaScript, plots embedded as data URIs, no network needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cfbench.leaderboard import COLUMNS, Provenance, caption
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+FORMATS = ("text", "md", "csv", "json", "latex", "html")
+EXTENSIONS = {"text": "txt", "md": "md", "csv": "csv", "json": "json", "latex": "tex",
+              "html": "html"}
+SHOWN = ["acc", "bwt", "fwt", "fm", "rem", "la", "train_seconds", "peak_rss_mb", "peak_gpu_mb",
+         "train_gflops", "state_mb"]
+
+
+def _shown(summary: pd.DataFrame) -> list[str]:
+    return [c for c in SHOWN if summary[c].notna().any()]
+
+
+def cell(row: Mapping, column: str) -> str:
+    """"mean ± ci" (or the mean alone with one seed); an undefined value is an em dash."""
+    mean, ci = row[column], row[f"{column} ci"]
+    digits = COLUMNS[column][2]
+    if mean != mean:
+        return "—"
+    if ci == ci:
+        return f"{mean:.{digits}f} ± {ci:.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def labels(summary: pd.DataFrame) -> list[str]:
+    """Strategy names, with the hyperparameters added where one strategy appears with several."""
+    counts = summary.groupby(["scenario", "setting", "strategy"])["hparams"].transform("nunique")
+    out = []
+    for (_, row), n in zip(summary.iterrows(), counts, strict=True):
+        if n > 1:
+            hp = json.loads(row["hparams"])
+            flat = ", ".join(f"{k}={v}" for part in hp.values() for k, v in part.items())
+            out.append(f"{row['strategy']} ({flat})")
+        else:
+            out.append(row["strategy"])
+    return out
+
+
+def blocks(summary: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """(scenario, setting, rows) per table, rows sorted by mean ACC, best first."""
+    summary = summary.assign(label=labels(summary))
+    for (scenario, setting), block in summary.groupby(["scenario", "setting"], sort=True):
+        yield scenario, setting, block.sort_values("acc", ascending=False)
+
+
+def _header(columns: Sequence[str]) -> list[str]:
+    return ["strategy", *(COLUMNS[c][0] for c in columns), "seeds", "rank"]
+
+
+def _row(row: Mapping, columns: Sequence[str]) -> list[str]:
+    return [row["label"], *(cell(row, c) for c in columns), str(row["seeds"]), row["rank"]]
+
+
+def render_text(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, color_system=None)
+    columns = _shown(summary)
+    for scenario, setting, block in blocks(summary):
+        table = Table(title=f"{scenario} — {setting} setting", title_justify="left")
+        for i, name in enumerate(_header(columns)):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for _, row in block.iterrows():
+            table.add_row(*_row(row, columns))
+        console.print(table)
+    console.print(caption(convention), soft_wrap=True)
+    for line in provenance.lines():
+        console.print(line, soft_wrap=True)
+    return buffer.getvalue()
+
+
+def render_md(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
+    columns = _shown(summary)
+    out = []
+    for scenario, setting, block in blocks(summary):
+        header = _header(columns)
+        out += [f"### {scenario} — {setting} setting", "",
+                "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(_row(row, columns)) + " |" for _, row in block.iterrows()]
+        out.append("")
+    out += [caption(convention), ""]
+    out += [f"- {line}" for line in provenance.lines()]
+    return "\n".join(out) + "\n"
+
+
+def render_csv(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
+    comments = "".join(f"# {line}\n" for line in [*provenance.lines(), caption(convention)])
+    return comments + summary.to_csv(index=False)
+
+
+def render_json(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
+    rows = json.loads(summary.to_json(orient="records"))
+    return json.dumps({"convention": convention, "caption": caption(convention),
+                       "provenance": provenance.to_dict(), "rows": rows}, indent=1) + "\n"
+
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#",
+          "{": r"\{", "}": r"\}", "$": r"\$", "±": r"$\pm$", "—": "--"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in text)
+
+
+def render_latex(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
+    """booktabs tables, one per scenario and setting; the best row bold, tied rows italic."""
+    columns = _shown(summary)
+    out = [f"% {line}" for line in provenance.lines()]
+    out.append("% requires \\usepackage{booktabs}")
+    for scenario, setting, block in blocks(summary):
+        header = _header(columns)[:-1]
+        title = _latex_escape(f"{scenario}, {setting} setting. {caption(convention)}")
+        out += ["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{title}}}",
+                "\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", "\\toprule",
+                " & ".join(_latex_escape(h) for h in header) + " \\\\", "\\midrule"]
+        for _, row in block.iterrows():
+            cells = [_latex_escape(c) for c in _row(row, columns)[:-1]]
+            if row["rank"] == "best":
+                cells = [f"\\textbf{{{c}}}" for c in cells]
+            elif row["rank"] == "tied":
+                cells = [f"\\textit{{{c}}}" for c in cells]
+            out.append(" & ".join(cells) + " \\\\")
+        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(out) + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;
+max-width:1200px;color:#1d1d1f;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.3rem;margin-top:2.5rem;border-bottom:1px solid #ddd}
+h3{font-size:1.05rem;margin-top:1.5rem}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
+th,td{padding:.3rem .6rem;text-align:right;border-bottom:1px solid #eee;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}
+th{cursor:pointer;background:#f5f5f7;user-select:none}th:hover{background:#e8e8ed}
+th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{content:" ▼"}
+tr.best td{font-weight:600}tr.tied td{font-style:italic}
+.caption,.prov{font-size:.85rem;color:#555;max-width:900px}
+nav a{margin-right:1rem}figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85rem;color:#555}
+"""
+
+# Sorts a table by the clicked column, numerically by each cell's data-v, toggling direction.
+_JS = """
+document.querySelectorAll('table.board').forEach(function (table) {
+  table.querySelectorAll('th').forEach(function (th, col) {
+    th.addEventListener('click', function () {
+      var asc = th.getAttribute('aria-sort') !== 'ascending';
+      table.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+      th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+        var nx = parseFloat(x), ny = parseFloat(y);
+        var c = (isNaN(nx) || isNaN(ny)) ? String(x).localeCompare(String(y)) : nx - ny;
+        return asc ? c : -c;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
+"""
+
+
+def _sort_value(row: Mapping, column: str) -> str:
+    value = row[column]
+    return "" if value != value else repr(float(value))
+
+
+def render_html(summary: pd.DataFrame, provenance: Provenance, convention: str,
+                plots: Mapping[tuple[str, str], Sequence[Path]] | None = None) -> str:
+    """One page: a section per scenario, a sortable table per setting, its plots inline."""
+    columns = _shown(summary)
+    esc = html.escape
+    by_scenario: dict[str, list[str]] = {}
+    for scenario, setting, block in blocks(summary):
+        parts = [f"<h3>{esc(setting)} setting</h3>", "<table class='board'><thead><tr>"]
+        parts += [f"<th>{esc(h)}</th>" for h in _header(columns)]
+        parts.append("</tr></thead><tbody>")
+        for _, row in block.iterrows():
+            cells = [f"<td data-v='{esc(row['label'])}'>{esc(row['label'])}</td>"]
+            cells += [f"<td data-v='{_sort_value(row, c)}'>{esc(cell(row, c))}</td>"
+                      for c in columns]
+            cells += [f"<td data-v='{row['seeds']}'>{row['seeds']}</td>",
+                      f"<td data-v='{esc(row['rank'])}'>{esc(row['rank'])}</td>"]
+            parts.append(f"<tr class='{esc(row['rank'])}'>" + "".join(cells) + "</tr>")
+        parts.append("</tbody></table>")
+        for path in (plots or {}).get((scenario, setting), []):
+            data = base64.b64encode(Path(path).read_bytes()).decode()
+            parts.append(f"<figure><img alt='{esc(Path(path).stem)}' "
+                         f"src='data:image/png;base64,{data}'><figcaption>"
+                         f"{esc(Path(path).stem)}</figcaption></figure>")
+        by_scenario.setdefault(scenario, []).extend(parts)
+    nav = " ".join(f"<a href='#{esc(s)}'>{esc(s)}</a>" for s in by_scenario)
+    sections = "".join(f"<section id='{esc(s)}'><h2>{esc(s)}</h2>{''.join(p)}</section>"
+                       for s, p in by_scenario.items())
+    prov = "".join(f"<li>{esc(line)}</li>" for line in provenance.lines())
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>cfbench leaderboard</title><style>{_CSS}</style></head><body>"
+            f"<h1>cfbench leaderboard</h1><nav>{nav}</nav>{sections}"
+            f"<p class='caption'>{esc(caption(convention))} Click a column header to sort.</p>"
+            f"<ul class='prov'>{prov}</ul><script>{_JS}</script></body></html>\n")
+
+
+RENDERERS = {"text": render_text, "md": render_md, "csv": render_csv, "json": render_json,
+             "latex": render_latex}
+
+
+def render(summary: pd.DataFrame, fmt: str, provenance: Provenance, convention: str = "cfbench",
+           plots: Mapping[tuple[str, str], Sequence[Path]] | None = None) -> str:
+    if fmt == "html":
+        return render_html(summary, provenance, convention, plots)
+    return RENDERERS[fmt](summary, provenance, convention)
+
