@@ -116,7 +116,8 @@ def render_json(summary: pd.DataFrame, provenance: Provenance, convention: str) 
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#",
-          "{": r"\{", "}": r"\}", "$": r"\$", "±": r"$\pm$", "—": "--"}
+          "{": r"\{", "}": r"\}", "$": r"\$", "±": r"$\pm$", "—": "--", ">": r"$>$",
+          "<": r"$<$"}
 
 
 def _latex_escape(text: str) -> str:
@@ -157,7 +158,9 @@ th{cursor:pointer;background:#f5f5f7;user-select:none}th:hover{background:#e8e8e
 th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{content:" ▼"}
 tr.best td{font-weight:600}tr.tied td{font-style:italic}
 .caption,.prov{font-size:.85rem;color:#555;max-width:900px}
-nav a{margin-right:1rem}figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
+nav a{margin-right:1rem}
+figure{margin:1rem 1rem 1rem 0;display:inline-block;vertical-align:top;max-width:100%}
+figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85rem;color:#555}
 """
 

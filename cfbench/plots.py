@@ -133,6 +133,10 @@ def _err(ci: float) -> float | None:
     return None if ci != ci else ci
 
 
+COST_AXES = [("train_seconds", "train seconds"), ("peak_rss_mb", "peak RSS MB"),
+             ("train_gflops", "training GFLOPs")]
+
+
 def pareto_front(costs: Sequence[float], accs: Sequence[float]) -> list[int]:
     """Indices of the points no other point beats on both lower cost and higher accuracy,
     ordered by cost."""
@@ -148,9 +152,7 @@ def pareto_front(costs: Sequence[float], accs: Sequence[float]) -> list[int]:
 def _cost(block: pd.DataFrame, palette: dict[str, tuple], title: str):
     import matplotlib.pyplot as plt
 
-    axes_spec = [("train_seconds", "train seconds"), ("peak_rss_mb", "peak RSS MB"),
-                 ("train_gflops", "training GFLOPs")]
-    axes_spec = [a for a in axes_spec if block[a[0]].notna().any()]
+    axes_spec = [a for a in COST_AXES if block[a[0]].notna().any()]
     fig, axes = plt.subplots(1, len(axes_spec), figsize=(2.7 * len(axes_spec), 2.6),
                              sharey=True, squeeze=False)
     for ax, (column, name) in zip(axes[0], axes_spec, strict=True):
@@ -190,8 +192,9 @@ def plot_all(records: Sequence[RunRecord], summary: pd.DataFrame, out_dir: Path
             title = f"{scenario}, {setting} setting"
             stem = f"{scenario}-{setting}"
             figures = {"R": _heatmaps(block, Rs, title), "curves": _curves(block, Rs, title),
-                       "stability": _stability(block, palette, title),
-                       "cost": _cost(block, palette, title)}
+                       "stability": _stability(block, palette, title)}
+            if block[[c for c, _ in COST_AXES]].notna().any().any():
+                figures["cost"] = _cost(block, palette, title)
             written[scenario, setting] = [_save(fig, out_dir, f"{stem}-{kind}")
                                           for kind, fig in figures.items()]
             for fig in figures.values():

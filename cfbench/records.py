@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from cfbench.errors import CfbenchError
 from cfbench.scenario import Protocol
 
 SCHEMA_VERSION = 1
+RUN_ID = re.compile(r"[0-9a-f]{16}")
 DEFAULT_OUT = Path("results") / "runs"
 
 
@@ -117,9 +119,11 @@ def read_record(path: Path) -> RunRecord:
 
 
 def read_records(directory: Path) -> list[RunRecord]:
+    """Every run record in `directory` (files named <run id>.json; other files are not runs)."""
     if not directory.is_dir():
         raise CfbenchError(f"no run records in {directory}: the directory does not exist")
-    return [read_record(p) for p in sorted(directory.glob("*.json"))]
+    return [read_record(p) for p in sorted(directory.glob("*.json"))
+            if RUN_ID.fullmatch(p.stem)]
 
 
 def find_record(run_id: str, directory: Path) -> RunRecord:

@@ -1,0 +1,567 @@
+"""The leaderboard as a reader relies on it: seeds aggregated into means and Student-t CIs,
+"best" and "tied" marks that do not over-claim, the metric conventions, six output formats,
+the figures, the `cfbench leaderboard` command, and the HTML page driven in a real browser.
+
+Most tests build synthetic run records, so every expected number is known by hand."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib import image as mpimg
+from scipy import stats
+
+import cfbench.cli
+import cfbench.formats
+import cfbench.metrics
+from cfbench.cli import main
+from cfbench.formats import render
+from cfbench.leaderboard import (
+    Provenance,
+    caption,
+    confidence_halfwidth,
+    records_frame,
+    summarize,
+    welch_p,
+)
+from cfbench.plots import pareto_front, plot_all
+from cfbench.records import RunRecord
+
+T_975_2 = 4.302652729911275  # Student t quantile, 0.975, 2 degrees of freedom
+MB = 2**20
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ENV = {"cfbench": "0.1.0", "git_sha": "0123456789abcdef0123", "torch": "2.14.1",
+       "device_name": "Test CPU @ 2GHz", "threads": 2}
+RUN_COMMAND = "cfbench run --scenario split --strategy naive,ewc,ewc_online --seeds 3"
+LEADERBOARD_ARGV = ["leaderboard", "--format", "md"]
+KINDS = ("R", "curves", "stability", "cost")
+
+
+# --- synthetic records ---------------------------------------------------------------------
+
+def R_with_acc(acc: float) -> list[list[float]]:
+    """A two-task R whose final row averages to `acc`."""
+    return [[0.1, 0.1], [0.95, 0.2], [acc - 0.01, acc + 0.01]]
+
+
+def make_record(scenario: str, setting: str, strategy: str, seed: int,
+                R: Sequence[Sequence[float]], *, hparams: dict[str, Any] | None = None,
+                status: str = "ok", **cost: Any) -> RunRecord:
+    """A finished run with known R, costs and environment."""
+    config = {"scenario": scenario, "setting": setting, "strategy": strategy,
+              "hparams": {strategy: dict(hparams or {})}, "seed": seed}
+    costs = {"train_seconds": 10.0 + seed, "eval_seconds": 1.0, "peak_rss_bytes": 300 * MB,
+             "peak_gpu_bytes": None, "train_flops": 2.5e9, "state_bytes": MB // 2, **cost}
+    run_id = f"{scenario}-{setting}-{strategy}-{json.dumps(hparams, sort_keys=True)}-{seed}"
+    return RunRecord(run_id=run_id, config=config, status=status, R=[list(r) for r in R],
+                     cost=costs, env=dict(ENV), command=RUN_COMMAND)
+
+
+def seeds(strategy: str, accs: Sequence[float], *, scenario: str = "split",
+          setting: str = "task", **kwargs: Any) -> list[RunRecord]:
+    """One record per seed 0..n-1, seed k with final-row mean ACC accs[k]."""
+    return [make_record(scenario, setting, strategy, k, R_with_acc(a), **kwargs)
+            for k, a in enumerate(accs)]
+
+
+def row(summary: pd.DataFrame, strategy: str, setting: str = "task") -> pd.Series:
+    (index,) = summary.index[(summary["strategy"] == strategy)
+                             & (summary["setting"] == setting)]
+    return summary.loc[index]
+
+
+def ranks(records: Sequence[RunRecord]) -> dict[tuple[str, str], str]:
+    summary = summarize(records)
+    return {(s, name): rank for s, name, rank
+            in zip(summary["setting"], summary["strategy"], summary["rank"], strict=True)}
+
+
+def board_records() -> list[RunRecord]:
+    """Two settings of one scenario: in 'task' ewc_online is best and ewc tied with it; in
+    'class' ewc is best and lwf has a single seed. One failed run that must not count."""
+    return [
+        *seeds("naive", [0.50, 0.51, 0.52]),
+        *seeds("ewc", [0.90, 0.92, 0.94]),
+        *seeds("ewc_online", [0.91, 0.93, 0.95]),
+        *seeds("naive", [0.20, 0.21, 0.22], setting="class"),
+        *seeds("ewc", [0.40, 0.41, 0.42], setting="class"),
+        *seeds("ewc_online", [0.30, 0.31, 0.32], setting="class"),
+        *seeds("lwf", [0.35], setting="class"),
+        make_record("split", "task", "naive", 7, R_with_acc(0.99), status="failed"),
+    ]
+
+
+BOARD = {"task": ["ewc_online", "ewc", "naive"], "class": ["ewc", "lwf", "ewc_online", "naive"]}
+
+
+@pytest.fixture(scope="module")
+def board() -> tuple[list[RunRecord], pd.DataFrame, Provenance]:
+    records = board_records()
+    return records, summarize(records), Provenance.of(records, LEADERBOARD_ARGV)
+
+
+def rendered(board, fmt: str, convention: str = "cfbench") -> str:
+    _, summary, provenance = board
+    return render(summary, fmt, provenance, convention)
+
+
+def md_tables(text: str) -> dict[str, list[list[str]]]:
+    """Markdown tables by their heading; rows of stripped cells, the header row first."""
+    tables: dict[str, list[list[str]]] = {}
+    current: list[list[str]] | None = None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            current = tables.setdefault(line[4:], [])
+        elif line.startswith("| ") and current is not None:
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return tables
+
+
+def assert_real_png(path: Path) -> np.ndarray:
+    """A PNG file that decodes to an image of more than one colour."""
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50, pixels.shape
+    rgba = np.zeros((*pixels.shape[:2], 4), dtype=np.uint8)
+    rgba[..., :pixels.shape[2]] = np.rint(pixels * 255)
+    colours = np.unique(rgba.view(np.uint32))
+    assert len(colours) > 10 and float(pixels.std()) > 0.01, f"{path} is (nearly) blank"
+    return pixels
+
+
+# --- aggregation ---------------------------------------------------------------------------
+
+def test_three_seeds_give_mean_std_and_student_t_interval():
+    summary = summarize(seeds("ewc", [0.90, 0.92, 0.94]))
+    (acc,) = summary["acc"]
+    assert acc == pytest.approx(92.0)
+    assert summary["acc std"].iloc[0] == pytest.approx(2.0)
+    expected_ci = stats.t.ppf(0.975, 2) * 2.0 / math.sqrt(3)
+    assert expected_ci == pytest.approx(T_975_2 * 2 / math.sqrt(3))
+    assert summary["acc ci"].iloc[0] == pytest.approx(expected_ci) == pytest.approx(4.9683, 1e-4)
+    assert summary["seeds"].iloc[0] == 3
+    # train seconds 10, 11, 12: mean 11, std 1
+    assert summary["train_seconds"].iloc[0] == pytest.approx(11.0)
+    assert summary["train_seconds ci"].iloc[0] == pytest.approx(T_975_2 / math.sqrt(3))
+
+
+def test_confidence_halfwidth_is_nan_without_two_seeds():
+    assert confidence_halfwidth(2.0, 3) == pytest.approx(T_975_2 * 2 / math.sqrt(3))
+    assert math.isnan(confidence_halfwidth(2.0, 1))
+    assert math.isnan(confidence_halfwidth(math.nan, 5))
+    summary = summarize(seeds("naive", [0.7]))
+    assert summary["acc"].iloc[0] == pytest.approx(70.0)
+    assert math.isnan(summary["acc ci"].iloc[0]) and math.isnan(summary["acc std"].iloc[0])
+
+
+def test_costs_are_converted_to_mb_and_gflops():
+    records = seeds("ewc", [0.9, 0.9], peak_rss_bytes=300 * MB, train_flops=2.5e9,
+                    state_bytes=3 * MB // 4)
+    frame = records_frame(records)
+    assert list(frame["peak_rss_mb"]) == pytest.approx([300.0, 300.0])
+    assert list(frame["train_gflops"]) == pytest.approx([2.5, 2.5])
+    assert list(frame["state_mb"]) == pytest.approx([0.75, 0.75])
+    assert frame["peak_gpu_mb"].isna().all()  # peak_gpu_bytes None -> NaN, not 0
+    summary = summarize(records)
+    assert summary["peak_rss_mb"].iloc[0] == pytest.approx(300.0)
+    assert summary["train_gflops"].iloc[0] == pytest.approx(2.5)
+    assert summary["peak_rss_mb ci"].iloc[0] == pytest.approx(0.0)
+
+
+def test_metrics_are_percent_and_failed_runs_are_left_out():
+    records = [*seeds("naive", [0.6, 0.8]),
+               make_record("split", "task", "naive", 2, R_with_acc(0.1), status="failed")]
+    frame = records_frame(records)
+    assert sorted(frame["seed"]) == [0, 1]
+    assert list(frame["acc"]) == pytest.approx([60.0, 80.0])
+    # R_with_acc: BWT = R[2,0] - R[1,0] = (acc - 0.01) - 0.95; REM = 100 * R[2,0] / R[1,0]
+    assert list(frame["bwt"]) == pytest.approx([100 * (0.59 - 0.95), 100 * (0.79 - 0.95)])
+    assert list(frame["rem"]) == pytest.approx([100 * 0.59 / 0.95, 100 * 0.79 / 0.95])
+    summary = summarize(records)
+    assert len(summary) == 1 and summary["seeds"].iloc[0] == 2
+    assert summary["acc"].iloc[0] == pytest.approx(70.0)
+
+
+def test_hyperparameter_variants_of_one_strategy_are_separate_rows():
+    records = [*seeds("ewc", [0.80, 0.82], hparams={"lam": 1.0}),
+               *seeds("ewc", [0.90, 0.92], hparams={"lam": 100.0})]
+    summary = summarize(records)
+    assert len(summary) == 2 and list(summary["seeds"]) == [2, 2]
+    by_lam = {json.loads(h)["ewc"]["lam"]: a for h, a in zip(summary["hparams"], summary["acc"],
+                                                             strict=True)}
+    assert by_lam == {1.0: pytest.approx(81.0), 100.0: pytest.approx(91.0)}
+    (rows,) = md_tables(render(summary, "md", Provenance.of(records, LEADERBOARD_ARGV))).values()
+    assert [r[0] for r in rows[1:]] == ["ewc (lam=100.0)", "ewc (lam=1.0)"]
+
+
+# --- ranks and ties ------------------------------------------------------------------------
+
+def test_overlapping_seeds_are_tied_and_distant_ones_are_not():
+    a, b, far = [0.90, 0.92, 0.94], [0.91, 0.93, 0.95], [0.50, 0.51, 0.52]
+    assert welch_p(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert welch_p(a, b) > 0.05 > welch_p(far, b)
+    assert ranks([*seeds("ewc", a), *seeds("si", b)]) == {("task", "si"): "best",
+                                                         ("task", "ewc"): "tied"}
+    assert ranks([*seeds("ewc", far), *seeds("si", b)]) == {("task", "si"): "best",
+                                                           ("task", "ewc"): ""}
+
+
+def test_no_tie_is_claimed_with_a_single_seed_on_either_side():
+    assert math.isnan(welch_p([0.92], [0.90, 0.92, 0.94]))
+    # the single seed is best: the other cannot be called tied with it
+    assert ranks([*seeds("si", [0.95]), *seeds("ewc", [0.90, 0.92, 0.94])]) == {
+        ("task", "si"): "best", ("task", "ewc"): ""}
+    # the single seed is the runner-up, close to the best's seeds
+    assert ranks([*seeds("si", [0.92]), *seeds("ewc", [0.91, 0.93, 0.95])]) == {
+        ("task", "ewc"): "best", ("task", "si"): ""}
+
+
+def test_constant_samples_tie_only_when_equal():
+    assert welch_p([0.9, 0.9], [0.9, 0.9]) == 1.0
+    assert welch_p([0.9, 0.9], [0.8, 0.8]) == 0.0
+
+
+def test_ranks_are_computed_per_setting(board):
+    _, summary, _ = board
+    marks = dict(zip(zip(summary["setting"], summary["strategy"], strict=True), summary["rank"],
+                     strict=True))
+    assert marks == {("task", "ewc_online"): "best", ("task", "ewc"): "tied",
+                     ("task", "naive"): "", ("class", "ewc"): "best",
+                     ("class", "ewc_online"): "", ("class", "naive"): "", ("class", "lwf"): ""}
+    assert (summary["rank"] == "best").sum() == 2
+    assert row(summary, "naive")["seeds"] == 3  # the failed seed 7 is not counted
+
+
+# --- conventions ---------------------------------------------------------------------------
+
+# T = 3. BWT sum = (0.6 - 0.9) + (0.85 - 0.8) = -0.25; FWT sum = (0.1 - 0.1) + (0.2 - 0.1) = 0.1;
+# FM (rows 1..2) = mean(0.9 - 0.6, 0.8 - 0.85) = 0.125; Mammoth's rows 1..3 give
+# mean(0.9 - 0.6, 0.85 - 0.85) = 0.15.
+R3 = [[0.1, 0.1, 0.1], [0.9, 0.1, 0.1], [0.7, 0.8, 0.2], [0.6, 0.85, 0.9]]
+
+
+@pytest.mark.parametrize(("convention", "expected"), [
+    ("cfbench", {"bwt": -25.0 / 2, "fwt": 10.0 / 2, "fm": 12.5}),
+    ("gem", {"bwt": -25.0 / 3, "fwt": 10.0 / 3, "fm": 12.5}),
+    ("mammoth", {"bwt": -25.0 / 2, "fwt": 10.0 / 2, "fm": 15.0}),
+])
+def test_conventions_change_bwt_fwt_and_fm_as_documented(convention, expected):
+    summary = summarize([make_record("split", "task", "naive", 0, R3)], convention)
+    got = summary.iloc[0]
+    for metric, value in expected.items():
+        assert got[metric] == pytest.approx(value), metric
+    assert got["acc"] == pytest.approx(100 * (0.6 + 0.85 + 0.9) / 3)  # never convention-bound
+    assert got["la"] == pytest.approx(100 * (0.9 + 0.8 + 0.9) / 3)
+
+
+def test_caption_names_the_convention():
+    assert "divide by T-1, FM takes the max over rows 1..T-1" in caption("cfbench")
+    assert "divide by T, FM takes the max over rows 1..T-1" in caption("gem")
+    assert "divide by T-1, FM takes the max over rows 1..T." in caption("mammoth")
+    for convention in cfbench.metrics.CONVENTIONS:
+        assert f"Convention '{convention}'" in caption(convention)
+
+
+def test_unknown_convention_is_refused():
+    with pytest.raises(ValueError, match="unknown metric convention"):
+        summarize(seeds("naive", [0.5]), "avalanche")
+
+
+# --- formats -------------------------------------------------------------------------------
+
+def test_markdown_has_a_block_per_setting_sorted_by_acc(board):
+    text = rendered(board, "md")
+    tables = md_tables(text)
+    assert list(tables) == ["split — class setting", "split — task setting"]
+    for setting, expected in BOARD.items():
+        header, *rows = tables[f"split — {setting} setting"]
+        assert header[:2] == ["strategy", "ACC"] and header[-2:] == ["seeds", "rank"]
+        assert "peak RSS MB" in header and "peak GPU MB" not in header  # no GPU numbers at all
+        assert [r[0] for r in rows] == expected
+    header, *rows = tables["split — task setting"]
+    cells = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+    assert cells["ewc"]["ACC"] == "92.0 ± 5.0" and cells["ewc"]["rank"] == "tied"
+    assert cells["ewc_online"]["ACC"] == "93.0 ± 5.0" and cells["ewc_online"]["rank"] == "best"
+    assert cells["naive"]["ACC"] == "51.0 ± 2.5" and cells["naive"]["rank"] == ""
+    assert cells["naive"]["seeds"] == "3" and cells["naive"]["peak RSS MB"] == "300 ± 0"
+    assert cells["naive"]["train s"] == "11.0 ± 2.5"
+    lwf = dict(zip(tables["split — class setting"][0], tables["split — class setting"][2],
+                   strict=True))
+    assert lwf["strategy"] == "lwf" and lwf["ACC"] == "35.0"  # one seed: the mean alone
+    assert caption("cfbench") in text.splitlines()
+    assert "- produced by: cfbench leaderboard --format md" in text.splitlines()
+    assert f"- runs by: {RUN_COMMAND}" in text.splitlines()
+    assert "torch 2.14.1" in text and "Test CPU @ 2GHz" in text and "0123456789" in text
+
+
+def test_csv_parses_with_numeric_columns(board):
+    text = rendered(board, "csv")
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert "# produced by: cfbench leaderboard --format md" in comments
+    assert f"# {caption('cfbench')}" in comments
+    table = pd.read_csv(io.StringIO(text), comment="#")
+    assert len(table) == 7
+    for column in ("acc", "acc std", "acc ci", "bwt", "train_seconds", "peak_rss_mb",
+                   "train_gflops", "state_mb", "seeds"):
+        assert pd.api.types.is_numeric_dtype(table[column]), column
+    ewc = table[(table["strategy"] == "ewc") & (table["setting"] == "task")].iloc[0]
+    assert ewc["acc"] == pytest.approx(92.0) and ewc["acc ci"] == pytest.approx(4.9683, 1e-4)
+    assert ewc["rank"] == "tied" and ewc["seeds"] == 3
+    assert json.loads(ewc["hparams"]) == {"ewc": {}}
+
+
+def test_json_is_strict_and_complete(board):
+    def no_nan(name: str):
+        raise AssertionError(f"{name} is not JSON")
+
+    data = json.loads(rendered(board, "json", "gem"), parse_constant=no_nan)
+    assert set(data) == {"convention", "caption", "provenance", "rows"}
+    assert data["convention"] == "gem" and data["caption"] == caption("gem")
+    assert data["provenance"]["command"] == "cfbench leaderboard --format md"
+    assert data["provenance"]["run_commands"] == [RUN_COMMAND]
+    assert data["provenance"]["threads"] == [2]
+    assert len(data["rows"]) == 7
+    lwf = next(r for r in data["rows"] if r["strategy"] == "lwf")
+    assert lwf["acc"] == pytest.approx(35.0) and lwf["acc ci"] is None
+    assert lwf["peak_gpu_mb"] is None and lwf["seeds"] == 1
+
+
+def test_latex_is_booktabs_with_marks_and_escapes(board):
+    text = rendered(board, "latex")
+    lines = text.splitlines()
+    for rule in ("\\toprule", "\\midrule", "\\bottomrule"):
+        assert lines.count(rule) == 2, rule
+    assert "\\textbf{ewc\\_online} & \\textbf{93.0 $\\pm$ 5.0}" in text
+    assert "\\textit{ewc} & \\textit{92.0 $\\pm$ 5.0}" in text
+    assert any(line.startswith("naive & 51.0 $\\pm$ 2.5") for line in lines)
+    assert "in \\%" in text  # the caption's "% of each old task"
+    body = [line for line in lines if not line.startswith("%")]
+    assert body and not any(re.search(r"(?<!\\)[%_]", line) for line in body), \
+        "an unescaped % or _ in the LaTeX body"
+    assert "% produced by: cfbench leaderboard --format md" in lines
+
+
+def test_text_table_names_strategies_and_marks(board):
+    text = rendered(board, "text")
+    for name in ("ewc_online", "ewc", "naive", "lwf", "best", "tied"):
+        assert name in text, name
+    assert "split — task setting" in text and "split — class setting" in text
+    assert "produced by: cfbench leaderboard --format md" in text
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def board_files(board, tmp_path_factory) -> tuple[dict[tuple[str, str], list[Path]], Path]:
+    """plot_all's figures for the board, and the HTML page embedding them."""
+    records, summary, provenance = board
+    out = tmp_path_factory.mktemp("board")
+    plots = plot_all(records, summary, out / "plots")
+    page = out / "leaderboard.html"
+    page.write_text(render(summary, "html", provenance, "cfbench", plots))
+    return plots, page
+
+
+def test_plot_all_writes_png_and_svg_per_setting(board_files):
+    plots, _ = board_files
+    assert set(plots) == {("split", "task"), ("split", "class")}
+    for (scenario, setting), pngs in plots.items():
+        assert [p.name for p in pngs] == [f"{scenario}-{setting}-{k}.png" for k in KINDS]
+        for png in pngs:
+            assert_real_png(png)
+            svg = png.with_suffix(".svg").read_text()
+            assert "<svg" in svg and svg.rstrip().endswith("</svg>")
+
+
+def test_pareto_front_keeps_the_undominated_points():
+    costs, accs = [1.0, 2.0, 3.0, 4.0, 2.0], [50.0, 60.0, 55.0, 70.0, 40.0]
+    assert pareto_front(costs, accs) == [0, 1, 3]
+    assert pareto_front([3.0, 1.0, 2.0], [90.0, 10.0, 50.0]) == [1, 2, 0]
+    assert pareto_front([1.0, 1.0], [40.0, 80.0]) == [1]  # same cost: the better one
+    assert pareto_front([1.0, 2.0], [50.0, 50.0]) == [0]  # same ACC, dearer: dominated
+    assert pareto_front([5.0], [1.0]) == [0]
+
+
+# --- command line --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> Path:
+    """Run records of a tiny real grid: split-digits, task setting, naive and EWC, 2 seeds."""
+    out = tmp_path_factory.mktemp("grid") / "runs"
+    assert main(["run", "--scenario", "split-digits", "--strategy", "naive,ewc", "--seeds", "2",
+                 "--setting", "task", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def test_run_records_carry_their_command(grid):
+    records = [json.loads(p.read_text()) for p in sorted(grid.glob("*.json"))]
+    assert len(records) == 4
+    for record in records:
+        assert record["command"].startswith("cfbench run --scenario split-digits"), record
+
+
+def test_leaderboard_command_writes_every_format_and_the_plots(grid, tmp_path, capsys):
+    out = tmp_path / "board"
+    argv = ["leaderboard", "--records", str(grid), "--format", "md", "--format", "html",
+            "--format", "json", "--plots", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"wrote {out / name}" for name in
+                       ("leaderboard.md", "leaderboard.html", "leaderboard.json")]
+    md = (out / "leaderboard.md").read_text()
+    header, *rows = md_tables(md)["split-digits — task setting"]
+    assert sorted(r[0] for r in rows) == ["ewc", "naive"]
+    assert {r[header.index("seeds")] for r in rows} == {"2"}
+    assert f"- produced by: cfbench leaderboard --records {grid}" in md
+    assert "- runs by: cfbench run --scenario split-digits --strategy naive,ewc" in md
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert sorted(r["strategy"] for r in data["rows"]) == ["ewc", "naive"]
+    assert {r["seeds"] for r in data["rows"]} == {2}
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == sorted(f"split-digits-task-{k}.png" for k in KINDS)
+    assert len(list((out / "plots").glob("*.svg"))) == 4
+    for png in pngs:
+        assert_real_png(png)
+    page = (out / "leaderboard.html").read_text()
+    assert page.count("<table class='board'>") == 1
+    assert page.count("src='data:image/png;base64,") == 4
+
+
+def test_convention_flag_reaches_caption_and_numbers(grid, capsys):
+    tables = {}
+    for convention in ("cfbench", "gem"):
+        assert main(["leaderboard", "--records", str(grid), "--format", "json",
+                     "--convention", convention]) == 0
+        tables[convention] = json.loads(capsys.readouterr().out)
+    gem = tables["gem"]
+    assert gem["caption"] == caption("gem") and "divide by T," in gem["caption"]
+    assert gem["provenance"]["command"].endswith("--convention gem")
+    # split-digits has T = 5 tasks: GEM's BWT is cfbench's times (T-1)/T
+    for ours, theirs in zip(tables["cfbench"]["rows"], gem["rows"], strict=True):
+        assert ours["strategy"] == theirs["strategy"]
+        assert theirs["bwt"] == pytest.approx(ours["bwt"] * 4 / 5)
+        assert theirs["acc"] == pytest.approx(ours["acc"])
+    assert main(["leaderboard", "--records", str(grid), "--format", "md", "--convention",
+                 "mammoth"]) == 0
+    assert caption("mammoth") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("plots-without-out", "--plots writes files: give --out DIR"),
+    ("two-formats-without-out", "several --format values write files: give --out DIR"),
+    ("empty-records", "no successful run records to tabulate"),
+    ("missing-records", "the directory does not exist"),
+])
+def test_leaderboard_bad_usage_is_one_line_exit_2(case, message, grid, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = {
+        "plots-without-out": ["--records", str(grid), "--plots"],
+        "two-formats-without-out": ["--records", str(grid), "--format", "md", "--format", "csv"],
+        "empty-records": ["--records", str(empty), "--format", "md"],
+        "missing-records": ["--records", str(tmp_path / "nowhere")],
+    }[case]
+    assert main(["leaderboard", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cfbench: error: ") and message in lines[0]
+    assert list(tmp_path.iterdir()) == [empty] and not any(empty.iterdir())
+
+
+def test_cli_constants_match_the_modules_they_mirror():
+    assert cfbench.cli.FORMATS == cfbench.formats.FORMATS
+    assert cfbench.cli.CONVENTIONS == cfbench.metrics.CONVENTIONS
+    assert set(cfbench.formats.EXTENSIONS) == set(cfbench.formats.FORMATS)
+
+
+# --- the HTML page in a headless browser ---------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu",
+               "--disable-background-networking", "--disable-component-update",
+               "--no-first-run", "--disable-dev-shm-usage")
+
+
+@pytest.fixture(scope="module")
+def browser(request, tmp_path_factory):
+    """Headless Chromium through chromedriver (Debian packages; `make test` installs them)."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} missing: `make test` installs them "
+                    "(apt-get install chromium chromium-driver)", pytrace=False)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in CHROME_ARGS:
+        options.add_argument(argument)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    request.addfinalizer(driver.quit)
+    driver.set_window_size(1280, 1600)
+    return driver
+
+
+def board_table(driver, setting: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(
+        By.XPATH, f"//h3[normalize-space()='{setting} setting']"
+                  "/following-sibling::table[@class='board'][1]")
+
+
+def column(table, name: str) -> tuple[Any, list[str]]:
+    """The header cell called `name` and the visible text of that column, top to bottom."""
+    from selenium.webdriver.common.by import By
+
+    headers = table.find_elements(By.CSS_SELECTOR, "thead th")
+    index = [h.text for h in headers].index(name)
+    rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    return headers[index], [r.find_elements(By.TAG_NAME, "td")[index].text for r in rows]
+
+
+def acc_values(table) -> list[float]:
+    _, cells = column(table, "ACC")
+    return [float(c.split(" ± ")[0]) for c in cells]
+
+
+def test_html_page_sorts_by_clicked_column_in_a_browser(browser, board_files, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _, page = board_files
+    browser.get(page.as_uri())
+    assert browser.title == "cfbench leaderboard"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.board")) == len(BOARD)
+    for setting, strategies in BOARD.items():
+        table = board_table(browser, setting)
+        _, names = column(table, "strategy")
+        assert names == strategies  # a row per strategy, best first
+        initial = acc_values(table)
+        assert initial == sorted(initial, reverse=True) and len(set(initial)) == len(initial)
+        header, _ = column(table, "ACC")
+        header.click()
+        assert acc_values(table) == sorted(initial)
+        assert header.get_attribute("aria-sort") == "ascending"
+        header.click()
+        assert acc_values(table) == sorted(initial, reverse=True)
+        assert header.get_attribute("aria-sort") == "descending"
+        _, names = column(table, "strategy")
+        assert names == strategies
+    loaded = browser.execute_script(
+        "return Array.from(document.images).map(function (i) { return i.naturalWidth; });")
+    assert len(loaded) == 2 * len(KINDS) and all(w > 0 for w in loaded), loaded
+    shot = tmp_path / "page.png"
+    assert browser.save_screenshot(str(shot))
+    pixels = assert_real_png(shot)
+    assert pixels.shape[1] >= 1000  # the window's width, not an empty frame
