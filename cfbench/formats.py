@@ -31,7 +31,7 @@ def _shown(summary: pd.DataFrame) -> list[str]:
 
 
 def cell(row: Mapping, column: str) -> str:
-    """"mean ± ci" (or the mean alone with one seed); an undefined value is an em dash."""
+    """The mean ± its CI half-width (the mean alone with one seed); undefined is an em dash."""
     mean, ci = row[column], row[f"{column} ci"]
     digits = COLUMNS[column][2]
     if mean != mean:

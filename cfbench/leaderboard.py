@@ -157,7 +157,8 @@ class Provenance:
         lines = [f"produced by: {self.command}", f"generated: {self.generated_at} on "
                  f"{platform.node() or 'unknown host'}"]
         lines += [f"runs by: {c}" for c in self.run_commands]
-        shas = ", ".join(sha[:10] for sha in self.git_sha) or "unknown"
+        shas = ", ".join(sha[:10] + ("-dirty" if sha.endswith("-dirty") else "")
+                         for sha in self.git_sha) or "unknown"
         lines.append(f"cfbench {', '.join(self.cfbench)} (git {shas}), "
                      f"torch {', '.join(self.torch)}")
         threads = ", ".join(map(str, self.threads))

@@ -138,12 +138,16 @@ def find_record(run_id: str, directory: Path) -> RunRecord:
 
 @functools.cache
 def _git_sha() -> str | None:
+    """The commit cfbench runs from, with "-dirty" when tracked files differ from it."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return (sha + ("-dirty" if dirty.strip() else "")) or None
 
 
 def _cpu_name() -> str:
