@@ -138,13 +138,17 @@ def find_record(run_id: str, directory: Path) -> RunRecord:
 
 @functools.cache
 def _git_sha() -> str | None:
-    """The commit cfbench runs from, with "-dirty" when tracked files differ from it."""
+    """The commit cfbench runs from, with "-dirty" when its code (the installed packages and
+    pyproject.toml, not results or docs) differs from that commit."""
     here = Path(__file__).parent
+    code = [str(here), str(here.parent / "strategies"), str(here.parent / "scenarios"),
+            str(here.parent / "pyproject.toml")]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=5).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                *code], cwd=here, capture_output=True, text=True,
+                               timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return (sha + ("-dirty" if dirty.strip() else "")) or None
