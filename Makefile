@@ -1,7 +1,7 @@
 # The two commands of the README. Each creates .venv and installs what it needs on first use.
 #   make leaderboard   naive, joint and EWC on Split MNIST, all three settings
 #   make test          the test suite (what CI runs through .ci/run)
-#   make reference     the reference leaderboard in results/reference (3 seeds; ~30 min on 2 cores)
+#   make reference     the reference leaderboard in results/reference (3 seeds; ~18 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 # This machine's pip serves these CPU-capable builds from local disk; override elsewhere,
