@@ -229,13 +229,14 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     first = configs[0]
     n_tasks = len(load_scenario(first.scenario, first.scenario_options, first.scenario_seed,
                                 root, first.device).tasks)
+    command = shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)])
     records, failed = [], []
     with tqdm(total=len(configs) * n_tasks, unit="task", disable=args.quiet,
               desc=f"{len(configs)} runs") as bar:
         for config in configs:
             bar.set_postfix_str(f"{config.setting}/{config.strategy}/seed {config.seed}")
             record = execute(config, root, on_task=lambda done, total: bar.update(1))
-            record.command = shlex.join(["cfbench", *(argv or sys.argv[1:])])
+            record.command = command
             bar.n = bar.total * (len(records) + 1) // len(configs)  # a failed run ends early
             path = write_record(record, out)
             records.append(record)
