@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -86,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     p.add_argument("--out", default=None, help="directory for run records (default results/runs)")
+    p.add_argument("--store", default=None, metavar="FILE",
+                   help="also write each record to this SQLite results store")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE",
                    help="Python file that registers strategies or scenarios (repeatable)")
     p.add_argument("--format", choices=list(FORMATS), default="text",
@@ -94,12 +97,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print one run record: R, metrics and costs")
     p.add_argument("run_id", help="run id or a unique prefix of it")
-    p.add_argument("--out", default=None, help="directory of run records (default results/runs)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--out", default=None,
+                        help="directory of run records (default results/runs)")
+    source.add_argument("--store", default=None, metavar="FILE", help="SQLite results store")
 
     p = sub.add_parser("leaderboard", help="aggregate run records over seeds into tables and "
                                            "plots")
-    p.add_argument("--records", default=None, help="directory of run records (default "
-                                                   "results/runs)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--records", default=None,
+                        help="directory of run records (default results/runs)")
+    source.add_argument("--store", default=None, metavar="FILE", help="SQLite results store")
     p.add_argument("--scenario", default=None, help="only this scenario")
     p.add_argument("--format", action="append", choices=list(FORMATS), default=None,
                    help="text, md, csv, json, latex or html (repeatable; default text)")
@@ -209,6 +217,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.formats import render
     from cfbench.leaderboard import Provenance, summarize
     from cfbench.records import DEFAULT_OUT, write_record
+    from cfbench.store import Store
 
     for path in args.plugin:
         load_plugin(path)
@@ -226,6 +235,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         protocol_overrides=_protocol_overrides(args), device=args.device, data_root=root,
     )
     out = Path(args.out) if args.out else DEFAULT_OUT
+    store = Store(args.store) if args.store else None
     first = configs[0]
     n_tasks = len(load_scenario(first.scenario, first.scenario_options, first.scenario_seed,
                                 root, first.device).tasks)
@@ -239,6 +249,8 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             record.command = command
             bar.n = bar.total * (len(records) + 1) // len(configs)  # a failed run ends early
             path = write_record(record, out)
+            if store is not None:
+                store.put(record)
             records.append(record)
             if record.status != "ok":
                 failed.append(f"{record.run_id} ({config.setting}/{config.strategy}/seed "
@@ -255,8 +267,13 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.records import DEFAULT_OUT, find_record
+    from cfbench.store import Store
 
-    record = find_record(args.run_id, Path(args.out) if args.out else DEFAULT_OUT)
+    if args.store:
+        with Store(_existing(args.store)) as store:
+            record = store.find(args.run_id)
+    else:
+        record = find_record(args.run_id, Path(args.out) if args.out else DEFAULT_OUT)
     c = record.config
     print(f"run {record.run_id}  status {record.status}  {record.started_at} -> "
           f"{record.finished_at}")
@@ -281,13 +298,18 @@ def _cmd_leaderboard(args: argparse.Namespace, argv: Sequence[str] | None) -> in
     from cfbench.formats import EXTENSIONS, render
     from cfbench.leaderboard import Provenance, summarize
     from cfbench.records import DEFAULT_OUT, read_records
+    from cfbench.store import Store
 
     formats = args.format or ["text"]
     if args.plots and not args.out:
         raise CfbenchError("--plots writes files: give --out DIR")
     if len(formats) > 1 and not args.out:
         raise CfbenchError("several --format values write files: give --out DIR")
-    records = read_records(Path(args.records) if args.records else DEFAULT_OUT)
+    if args.store:
+        with Store(_existing(args.store)) as store:
+            records = store.records(scenario=args.scenario)
+    else:
+        records = read_records(Path(args.records) if args.records else DEFAULT_OUT)
     if args.scenario:
         records = [r for r in records if r.config["scenario"] == args.scenario]
     if not any(r.status == "ok" for r in records):
@@ -312,6 +334,14 @@ def _cmd_leaderboard(args: argparse.Namespace, argv: Sequence[str] | None) -> in
     return 0
 
 
+def _existing(path: str) -> str:
+    """A store to read must exist: opening a missing one would create an empty file."""
+    if not Path(path).is_file():
+        raise CfbenchError(f"store {path} does not exist; pass the file `cfbench run --store` "
+                           "wrote")
+    return path
+
+
 def _cmd_data(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.data import data_root, fetch
 
@@ -334,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cfbench: interrupted; finished runs are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into a reader that stopped early (`| head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

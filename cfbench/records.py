@@ -79,11 +79,11 @@ class RunRecord:
     """The command line that produced the run, when it came from the CLI."""
     schema_version: int = SCHEMA_VERSION
 
-    def to_json(self) -> str:
+    def to_json(self, indent: int | None = 1) -> str:
         # NaN is not JSON: undefined metrics are written as null.
         d = dataclasses.asdict(self)
         d["metrics"] = {k: (None if v != v else v) for k, v in self.metrics.items()}
-        return json.dumps(d, indent=1, sort_keys=False)
+        return json.dumps(d, indent=indent)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
