@@ -310,8 +310,8 @@ def _cmd_leaderboard(args: argparse.Namespace, argv: Sequence[str] | None) -> in
             records = store.records(scenario=args.scenario)
     else:
         records = read_records(Path(args.records) if args.records else DEFAULT_OUT)
-    if args.scenario:
-        records = [r for r in records if r.config["scenario"] == args.scenario]
+        if args.scenario:
+            records = [r for r in records if r.config["scenario"] == args.scenario]
     if not any(r.status == "ok" for r in records):
         raise CfbenchError("no successful run records to tabulate; run `cfbench run` first or "
                            "pass --records DIR")

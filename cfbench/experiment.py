@@ -66,11 +66,9 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
     entry = registry.scenarios.get(scenario)
     options = entry.resolve(scenario_options or {})
     device = resolve_device(device)
-    for setting in settings:
-        if setting not in entry.settings:
-            raise CfbenchError(f"scenario '{scenario}' has no setting '{setting}'; choose from "
-                               f"{', '.join(entry.settings)}")
     built = load_scenario(scenario, options, scenario_seed, data_root, device)
+    for setting in settings:
+        Setting(built, setting)  # an unknown setting fails here, naming the valid ones
     overrides = dict(protocol_overrides or {})
     # A budget given in one unit replaces the scenario's budget in the other.
     if overrides.get("iterations") is not None:
