@@ -140,11 +140,7 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
     model = build_model(config.protocol.model, scenario.input_shape, setting.n_outputs)
     model = model.to(device)
     strategy = build_strategy(config.strategy, config.hparams, config.setting)
-    ctx = TrainContext(
-        model=model, scenario=scenario, setting=setting, device=device,
-        generator=torch.Generator().manual_seed(config.seed),
-        batch_generator=torch.Generator().manual_seed(config.seed + 1_000_003),
-    )
+    ctx = TrainContext.create(model, scenario, setting, config.seed, device)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     warm_up()
     train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
@@ -152,14 +148,14 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
 
     strategy.setup(ctx)
     with eval_clock:
-        R = [evaluate(ctx)]
+        R = [evaluate(ctx, strategy)]
     task_costs = []
     for t, task in enumerate(scenario.tasks):
         ctx.task_index = t
         with train_clock:
             task_costs.append(train_task(ctx, strategy, task))
         with eval_clock:
-            R.append(evaluate(ctx))
+            R.append(evaluate(ctx, strategy))
         if on_task:
             on_task(t + 1, len(scenario.tasks))
 

@@ -23,6 +23,22 @@ def mlp(in_features: int, hidden: tuple[int, ...], n_outputs: int) -> nn.Sequent
     return nn.Sequential(*layers)
 
 
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(feature extractor, head) of a backbone: strategies that distil features, classify by
+    feature means or treat the head apart (iCaRL, L2-SP, LoRA) use this one convention.
+
+    A Sequential's head is its last module; any other backbone exposes ``features`` and
+    ``head`` attributes.
+    """
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return model[:-1], model[-1]
+    body, head = getattr(model, "features", None), getattr(model, "head", None)
+    if isinstance(body, nn.Module) and isinstance(head, nn.Linear):
+        return body, head
+    raise CfbenchError(f"{type(model).__name__} has no recognisable head: end a Sequential with "
+                       "an nn.Linear, or give the model 'features' and 'head' attributes")
+
+
 def build_model(spec: str, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     """Instantiate the backbone named by `spec` for inputs of `input_shape` (no batch dim)."""
     family, _, args = spec.partition(":")

@@ -6,8 +6,10 @@ The same hooks can be called from a user's own PyTorch loop (see the README).
 
 Hook order per task::
 
-    before_task -> train_data -> param_groups -> [batch -> forward -> penalty -> backward
-    -> after_backward -> optimizer.step -> after_step] x steps -> after_task
+    before_task -> train_data -> param_groups -> [batch -> forward -> loss + penalty
+    -> backward -> after_backward -> optimizer.step -> after_step] x steps -> after_task
+
+and at every evaluation, ``predict`` turns a test batch into class scores.
 """
 
 from __future__ import annotations
@@ -88,6 +90,21 @@ class TrainContext:
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(logits, batch.y)
 
+    @classmethod
+    def create(cls, model: nn.Module, scenario: Scenario, setting: str | Setting = "class",
+               seed: int = 0, device: torch.device | str = "cpu") -> TrainContext:
+        """A context for `model` on `scenario`, seeded as the evaluator seeds its runs.
+
+        This is also the entry point for a user's own training loop: wrap your tensors in
+        ``Task``s and a ``Scenario``, build a context, and call a strategy's hooks yourself.
+        """
+        if isinstance(setting, str):
+            setting = Setting(scenario, setting)
+        return cls(model=model, scenario=scenario, setting=setting,
+                   device=torch.device(device),
+                   generator=torch.Generator().manual_seed(seed),
+                   batch_generator=torch.Generator().manual_seed(seed + 1_000_003))
+
 
 class Strategy:
     """Base class: every hook is a no-op. Subclass, override what you need, register it.
@@ -113,6 +130,11 @@ class Strategy:
         """Change a minibatch before the forward pass (replay mixes in memory samples)."""
         return batch
 
+    def loss(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        """The task loss; cross-entropy on the masked logits unless a strategy replaces it
+        (iCaRL's per-class sigmoid loss)."""
+        return ctx.loss(logits, batch)
+
     def penalty(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor
                 ) -> torch.Tensor | None:
         """A term added to the loss (EWC, L2-SP, distillation), or None."""
@@ -127,13 +149,20 @@ class Strategy:
     def after_task(self, ctx: TrainContext, task: Task) -> None:
         """After a task's last step (Fisher, importances, buffer update)."""
 
+    def predict(self, ctx: TrainContext, batch: Batch) -> torch.Tensor:
+        """Class scores for a test batch (argmax is the prediction); the masked logits unless a
+        strategy classifies differently (iCaRL's nearest mean of exemplars)."""
+        return ctx.logits(batch)
+
     def state_bytes(self) -> int:
         """Bytes the strategy keeps between tasks (buffers, Fisher, teacher copies)."""
         return 0
 
 
-HOOKS = ("setup", "before_task", "train_data", "param_groups", "batch", "penalty",
-         "after_backward", "after_step", "after_task")
+HOOKS = ("setup", "before_task", "train_data", "param_groups", "batch", "loss", "penalty",
+         "after_backward", "after_step", "after_task", "predict")
+EXCLUSIVE_HOOKS = ("param_groups", "loss", "predict")
+"""Hooks whose results cannot be combined: at most one part of a composition may define each."""
 
 
 def overrides(strategy: Strategy, hook: str) -> bool:
@@ -146,10 +175,11 @@ class Compose(Strategy):
 
     def __init__(self, parts: list[Strategy]) -> None:
         self.parts = parts
-        setters = [type(p).__name__ for p in parts if overrides(p, "param_groups")]
-        if len(setters) > 1:
-            raise CfbenchError(f"cannot compose {' and '.join(setters)}: both set optimizer "
-                               "parameter groups; use one of them")
+        for hook in EXCLUSIVE_HOOKS:
+            owners = [type(p).__name__ for p in parts if overrides(p, hook)]
+            if len(owners) > 1:
+                raise CfbenchError(f"cannot compose {' and '.join(owners)}: each defines the "
+                                   f"'{hook}' hook, which only one strategy may own")
 
     def _with(self, hook: str) -> list[Strategy]:
         return [p for p in self.parts if overrides(p, hook)]
@@ -169,10 +199,19 @@ class Compose(Strategy):
             data = p.train_data(ctx, task, data)
         return data
 
+    def _owner(self, hook: str) -> Strategy:
+        """The one part defining an exclusive hook, or the base behaviour."""
+        owners = self._with(hook)
+        return owners[0] if owners else Strategy()
+
     def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
-        for p in self._with("param_groups"):
-            return p.param_groups(ctx)
-        return None
+        return self._owner("param_groups").param_groups(ctx)
+
+    def loss(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        return self._owner("loss").loss(ctx, batch, logits)
+
+    def predict(self, ctx: TrainContext, batch: Batch) -> torch.Tensor:
+        return self._owner("predict").predict(ctx, batch)
 
     def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
         for p in self._with("batch"):

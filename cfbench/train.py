@@ -74,6 +74,7 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     protocol = ctx.scenario.protocol
     model = ctx.model
     has_batch = overrides(strategy, "batch")
+    has_loss = overrides(strategy, "loss")
     has_penalty = overrides(strategy, "penalty")
     has_after_backward = overrides(strategy, "after_backward")
     has_after_step = overrides(strategy, "after_step")
@@ -88,7 +89,7 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
         if has_batch:
             batch = strategy.batch(ctx, batch)
         logits = ctx.logits(batch)
-        loss = ctx.loss(logits, batch)
+        loss = strategy.loss(ctx, batch, logits) if has_loss else ctx.loss(logits, batch)
         if has_penalty:
             extra = strategy.penalty(ctx, batch, logits)
             if extra is not None:
@@ -118,9 +119,13 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
 
 
 @torch.inference_mode()
-def evaluate(ctx: TrainContext) -> list[float]:
-    """Test accuracy on every task of the scenario: one row of R (as of ``ctx.task_index``)."""
+def evaluate(ctx: TrainContext, strategy: Strategy | None = None) -> list[float]:
+    """Test accuracy on every task of the scenario: one row of R (as of ``ctx.task_index``).
+
+    Predictions are the argmax of the strategy's ``predict`` scores (the masked logits unless
+    the strategy classifies differently)."""
     scenario, model = ctx.scenario, ctx.model
+    predict = strategy.predict if strategy and overrides(strategy, "predict") else None
     was_training = model.training
     model.eval()
     correct = []
@@ -130,7 +135,8 @@ def evaluate(ctx: TrainContext) -> list[float]:
         hits = torch.zeros((), dtype=torch.long, device=ctx.device)
         for start in range(0, len(data), size):
             batch = ctx.make_batch(data, slice(start, start + size))
-            hits += (ctx.logits(batch).argmax(1) == batch.y).sum()
+            scores = predict(ctx, batch) if predict else ctx.logits(batch)
+            hits += (scores.argmax(1) == batch.y).sum()
         correct.append(hits)
     counts = torch.stack(correct).tolist()  # the one host sync of an evaluation
     model.train(was_training)

@@ -317,7 +317,7 @@ def test_two_param_group_setters_cannot_be_composed():
     with pytest.raises(CfbenchError) as excinfo:
         build_strategy(spec, resolve_hparams(spec, {}), "class")
     text = error_text(excinfo)
-    assert "cannot compose GroupsA and GroupsB" in text and "parameter groups" in text
+    assert "cannot compose GroupsA and GroupsB" in text and "'param_groups' hook" in text
     one = build_strategy("t-groups-b+t-lam", resolve_hparams("t-groups-b+t-lam", {}), "class")
     assert one.param_groups(None) == [{"params": [], "lr": 0.1}]
 
