@@ -18,6 +18,7 @@ _LAZY = {
     "TrainContext": "cfbench.strategy",
     "Batch": "cfbench.strategy",
     "TrainData": "cfbench.strategy",
+    "make_strategy": "cfbench.strategy",
     "Scenario": "cfbench.scenario",
     "Task": "cfbench.scenario",
     "Protocol": "cfbench.scenario",
@@ -28,10 +29,11 @@ if TYPE_CHECKING:
     from cfbench.errors import CfbenchError
     from cfbench.registry import register_scenario, register_strategy
     from cfbench.scenario import Protocol, Scenario, Task
-    from cfbench.strategy import Batch, Strategy, TrainContext, TrainData
+    from cfbench.strategy import Batch, Strategy, TrainContext, TrainData, make_strategy
 
 __all__ = ["Batch", "CfbenchError", "Protocol", "Scenario", "Strategy", "Task", "TrainContext",
-           "TrainData", "__version__", "register_scenario", "register_strategy"]
+           "TrainData", "__version__", "make_strategy", "register_scenario",
+           "register_strategy"]
 
 
 def __getattr__(name: str) -> Any:

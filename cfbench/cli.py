@@ -6,11 +6,12 @@ Heavy modules (torch, pandas) are imported inside the commands so that `cfbench 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from cfbench.errors import CfbenchError
 
 # Kept here, not imported from the modules that use them, so that --help stays free of torch.
 FORMATS = ("text", "md", "csv", "json", "latex", "html")
+EXECUTORS = ("serial", "process", "ray")
 CONVENTIONS = ("cfbench", "gem", "mammoth")
 
 EXIT_BAD_INPUT = 2
@@ -119,12 +121,57 @@ def _parser() -> argparse.ArgumentParser:
                         "printing")
     p.add_argument("--plots", action="store_true", help="also draw the figures (needs --out)")
 
+    p = sub.add_parser("reproduce", help="rerun a published table with our strategies and "
+                                         "print our numbers beside the published ones")
+    p.add_argument("name", help="e.g. hsu2018-split-mnist")
+    p.add_argument("--seeds", type=_positive_int, help="seeds per row (default: the paper's)")
+    p.add_argument("--epochs", type=_positive_float,
+                   help="epochs per task instead of the paper's (a quicker, looser check)")
+    p.add_argument("--setting", type=_csv, help="comma list of settings (default: all)")
+    p.add_argument("--row", action="append", default=[], metavar="PATTERN",
+                   help="only rows whose label matches this shell wildcard (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
+    p.add_argument("--out", default=None,
+                   help="directory for run records and reproduction.md (default results/NAME); "
+                        "runs already there are not rerun")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("sweep", help="run a YAML sweep file (grids, seeds) into a results "
+                                     "store, in parallel, resumable")
+    _sweep_arguments(p)
+    p = sub.add_parser("tune", help="choose a strategy's hyperparameters on a validation split "
+                                    "of the training data, then run them on the test split")
+    _sweep_arguments(p)
+
     p = sub.add_parser("data", help="fetch and verify datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download (or copy from offline sources) and verify")
     f.add_argument("name", choices=["mnist", "fashion-mnist"])
     f.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     return parser
+
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="YAML sweep file (see the README's Sweeps section)")
+    p.add_argument("--executor", choices=list(EXECUTORS), default="process",
+                   help="serial (this process), process (a local pool, the default) or ray")
+    p.add_argument("--workers", type=_positive_int,
+                   help="runs at once (process: default one per core; ray: default as many as "
+                        "the cluster's CPUs hold)")
+    p.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); "
+                                     "default: start a local Ray instance")
+    p.add_argument("--resume", action="store_true",
+                   help="skip runs stored with status ok; rerun failed and interrupted ones")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
+    p.add_argument("--store", metavar="FILE",
+                   help="SQLite results store (default results/sweeps/NAME.sqlite)")
+    p.add_argument("--out", metavar="DIR", help="also write each record as JSON to DIR")
+    p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="Python file that registers strategies or scenarios (repeatable; "
+                        "imported in every worker too)")
+    p.add_argument("--quiet", action="store_true", help="no line per finished run")
 
 
 def load_plugin(path: str) -> None:
@@ -280,6 +327,12 @@ def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     print(f"{c['scenario']} / {c['setting']} / {c['strategy']}  seed {c['seed']}  scenario seed "
           f"{c['scenario_seed']}  device {c['device']}")
     print(f"hyperparameters: {c['hparams']}")
+    if record.selection:
+        from cfbench.leaderboard import describe_selection
+
+        print(f"selection: {describe_selection(record.selection)}")
+    if c.get("validation"):
+        print(f"evaluated on a validation split of the training data: {c['validation']}")
     print(f"protocol: {c['protocol']}")
     if record.error:
         print(f"error: {record.error}")
@@ -342,6 +395,160 @@ def _existing(path: str) -> str:
     return path
 
 
+def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    import fnmatch
+
+    from tqdm.auto import tqdm
+
+    from cfbench import reproduce
+    from cfbench.data import data_root
+
+    repro = reproduce.get(args.name)
+    rows = [r for r in repro.rows
+            if not args.row or any(fnmatch.fnmatch(r.label, p) for p in args.row)]
+    if not rows:
+        raise CfbenchError(f"no row of {repro.name} matches {', '.join(args.row)}; rows: "
+                           f"{', '.join(r.label for r in repro.rows)}")
+    settings = args.setting or list(repro.settings)
+    unknown = set(settings) - set(repro.settings)
+    if unknown:
+        raise CfbenchError(f"{repro.name} has no setting {', '.join(sorted(unknown))}; choose "
+                           f"from {', '.join(repro.settings)}")
+    seeds = args.seeds or repro.seeds
+    out = Path(args.out) if args.out else Path("results") / repro.name
+    with tqdm(total=len(rows) * len(settings) * seeds, unit="run", disable=args.quiet) as bar:
+        outcomes = reproduce.run(
+            repro, seeds=seeds, data_root=data_root(args.data_root), out=out / "runs",
+            rows=rows, settings=settings, device=args.device,
+            protocol_overrides={"epochs": args.epochs} if args.epochs else None,
+            on_record=lambda record: bar.update(1))
+    command = shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)])
+    text = reproduce.table(repro, outcomes) + f"\nProduced by `{command}`.\n"
+    (out / "reproduction.md").write_text(text)
+    print(text, end="")
+    print(f"wrote {out / 'reproduction.md'}", file=sys.stderr)
+    return 0
+
+
+def _sweep_setup(args: argparse.Namespace) -> tuple[Any, Path, Any]:
+    """Plugins loaded, the sweep file checked and the executor chosen (all before planning, which
+    loads data): (the sweep, the data root, the executor)."""
+    from cfbench.data import data_root
+    from cfbench.executors import RunSetup, make_executor
+    from cfbench.experiment import resolve_device
+    from cfbench.sweep import load_sweep
+
+    for path in args.plugin:
+        load_plugin(path)
+    sweep = load_sweep(args.file)
+    root = data_root(args.data_root)
+    setup = RunSetup(root.resolve(), tuple(str(Path(p).resolve()) for p in args.plugin),
+                     sweep.timeout)
+    try:
+        cuda = resolve_device(sweep.device).startswith("cuda")
+    except CfbenchError as exc:
+        raise CfbenchError(f"{sweep.path}:{sweep.lines.get('device', 0)}: device: {exc}") from None
+    gpus = sweep.gpus if sweep.gpus is not None else float(cuda)
+    if gpus and not cuda:
+        raise CfbenchError(f"{sweep.path}:{sweep.lines.get('resources', 0)}: resources.gpus is "
+                           f"{gpus:g} but the runs use device '{sweep.device}'; set device: cuda")
+    executor = make_executor(args.executor, setup, workers=args.workers, address=args.address,
+                             cpus=sweep.cpus, gpus=gpus)
+    return sweep, root, executor
+
+
+def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from cfbench.store import Store
+    from cfbench.sweep import Outcome, dry_run_table, plan, run_sweep, stored_statuses
+
+    sweep, root, executor = _sweep_setup(args)
+    runs = plan(sweep, root)
+    store_path = Path(args.store) if args.store else sweep.default_store()
+    if args.dry_run:
+        print(dry_run_table(runs, stored_statuses(store_path)), end="")
+        print(f"{len(runs)} runs; store {store_path}", file=sys.stderr)
+        return 0
+    command = shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)])
+    outcome = Outcome()
+    with Store(store_path) as store, _summary_on_interrupt(outcome, sweep.name, store_path):
+        run_sweep(runs, store=store, executor=executor, resume=args.resume, command=command,
+                  out=Path(args.out) if args.out else None, outcome=outcome,
+                  progress=None if args.quiet else _progress)
+    print(outcome.summary(sweep.name, store_path))
+    print(f"tables: cfbench leaderboard --store {store_path}")
+    return EXIT_RUN_FAILED if outcome.failed else 0
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _summary_on_interrupt(outcome: Any, name: str, store: Path) -> Iterator[None]:
+    """On Ctrl-C, say what was kept before main() reports the interruption (exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(outcome.summary(name, store))
+        raise
+
+
+def _cmd_tune(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from cfbench.store import Store
+    from cfbench.sweep import Outcome, check_stored, dry_run_table, run_sweep, stored_statuses
+    from cfbench.tune import (
+        choice_lines,
+        final_runs,
+        group_key,
+        plan_tune,
+        select,
+        selection_entry,
+        validation_store,
+    )
+
+    sweep, root, executor = _sweep_setup(args)
+    tune = plan_tune(sweep, root)
+    store_path = Path(args.store) if args.store else sweep.default_store("-tuned")
+    val_path = validation_store(store_path)
+    if args.dry_run:
+        print(dry_run_table(tune.tuning, stored_statuses(val_path)), end="")
+        groups = len({group_key(r.config) for r in tune.tuning})
+        print(f"{len(tune.tuning)} validation runs (store {val_path}); then the chosen values of "
+              f"each of {groups} scenario/setting/strategy group(s) on seeds "
+              f"{list(sweep.seeds)}: {groups * len(sweep.seeds)} runs (store {store_path})",
+              file=sys.stderr)
+        return 0
+    for runs, path in ((tune.tuning, val_path), (tune.report, store_path)):
+        check_stored(runs, stored_statuses(path), path, args.resume)  # both, before any run
+    command = shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)])
+    out = Path(args.out) if args.out else None
+    progress = None if args.quiet else _progress
+    tuning, name = Outcome(), f"{sweep.name} (validation)"
+    with Store(val_path) as store:
+        with _summary_on_interrupt(tuning, name, val_path):
+            run_sweep(tune.tuning, store=store, executor=executor, resume=args.resume,
+                      command=command, out=out, outcome=tuning, progress=progress)
+        print(tuning.summary(name, val_path))
+        ids = {r.config.run_id for r in tune.tuning}
+        choices = select(tune, {r.run_id: r for r in store.records() if r.run_id in ids})
+    print("chosen on validation:\n  " + "\n  ".join(choice_lines(list(choices.values()))))
+    finals = final_runs(tune, choices)
+    selections = {r.config.run_id: selection_entry(tune, choices[group_key(r.config)])
+                  for r in finals}
+
+    def annotate(record: Any) -> None:
+        record.selection = selections[record.run_id]
+
+    reported, name = Outcome(), f"{sweep.name} (test split, chosen values)"
+    with Store(store_path) as store, _summary_on_interrupt(reported, name, store_path):
+        run_sweep(finals, store=store, executor=executor, resume=args.resume, command=command,
+                  out=out, outcome=reported, progress=progress, annotate=annotate)
+    print(reported.summary(name, store_path))
+    print(f"tables: cfbench leaderboard --store {store_path}")
+    unchosen = any(c.candidate is None for c in choices.values())
+    return EXIT_RUN_FAILED if tuning.failed or reported.failed or unchosen else 0
+
+
 def _cmd_data(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.data import data_root, fetch
 
@@ -351,7 +558,8 @@ def _cmd_data(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 
 COMMANDS = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show,
-            "leaderboard": _cmd_leaderboard, "data": _cmd_data}
+            "leaderboard": _cmd_leaderboard, "reproduce": _cmd_reproduce,
+            "sweep": _cmd_sweep, "tune": _cmd_tune, "data": _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

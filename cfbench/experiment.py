@@ -24,8 +24,15 @@ from cfbench.errors import CfbenchError
 from cfbench.models import build_model
 from cfbench.records import RunConfig, RunRecord, environment
 from cfbench.scenario import Scenario, Setting
-from cfbench.strategy import TrainContext, build_strategy, resolve_hparams, strategy_names
+from cfbench.strategy import (
+    TrainContext,
+    build_strategy,
+    overrides,
+    resolve_hparams,
+    strategy_names,
+)
 from cfbench.train import evaluate, train_task, warm_up
+from cfbench.validation import validation_split
 
 
 def resolve_device(name: str) -> str:
@@ -69,14 +76,14 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
     built = load_scenario(scenario, options, scenario_seed, data_root, device)
     for setting in settings:
         Setting(built, setting)  # an unknown setting fails here, naming the valid ones
-    overrides = dict(protocol_overrides or {})
+    changes = dict(protocol_overrides or {})
     # A budget given in one unit replaces the scenario's budget in the other.
-    if overrides.get("iterations") is not None:
-        overrides.setdefault("epochs", None)
-    if overrides.get("epochs") is not None:
-        overrides.setdefault("iterations", None)
+    if changes.get("iterations") is not None:
+        changes.setdefault("epochs", None)
+    if changes.get("epochs") is not None:
+        changes.setdefault("iterations", None)
     try:
-        protocol = dataclasses.replace(built.protocol, **overrides)
+        protocol = dataclasses.replace(built.protocol, **changes)
     except TypeError as exc:
         raise CfbenchError(f"bad protocol override: {exc}") from None
     build_model(protocol.model, built.input_shape, 1)  # a bad --model fails before any run
@@ -89,7 +96,10 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
         own = {n: hparams[n] for n in strategy_names(strategy) if n in hparams}
         resolved = resolve_hparams(strategy, own)
         for setting in settings:
-            build_strategy(strategy, resolved, setting)  # fail now on values __init__ rejects
+            built_strategy = build_strategy(strategy, resolved, setting)  # fail on bad values
+            if not protocol.reset_optimizer and overrides(built_strategy, "param_groups"):
+                raise CfbenchError(f"strategy '{strategy}' sets its own parameter groups for "
+                                   "each task, which needs reset_optimizer=True")
             configs += [RunConfig(scenario, setting, strategy, resolved, options, scenario_seed,
                                   seed, protocol, device) for seed in seeds]
     return configs
@@ -126,11 +136,21 @@ def execute(config: RunConfig, data_root: Path,
     return record
 
 
+def unfinished_record(config: RunConfig, status: str, reason: str, started_at: str = ""
+                      ) -> RunRecord:
+    """The record of a run that did not finish in its own process: a crashed or killed worker
+    ("failed"), or one stopped by Ctrl-C ("interrupted")."""
+    return RunRecord(run_id=config.run_id, config=config.to_dict(), status=status, error=reason,
+                     started_at=started_at or _now(), finished_at=_now())
+
+
 def _fill(record: RunRecord, config: RunConfig, data_root: Path,
           on_task: Callable[[int, int], None] | None) -> None:
     device = torch.device(config.device)
     scenario = load_scenario(config.scenario, config.scenario_options, config.scenario_seed,
                              data_root, config.device)
+    if config.validation is not None:
+        scenario = validation_split(scenario, **config.validation)
     scenario = dataclasses.replace(scenario, protocol=config.protocol)
     setting = Setting(scenario, config.setting)
     record.tasks = [{"name": t.name, "classes": list(t.classes), "n_train": len(t.y_train),

@@ -15,7 +15,7 @@ import math
 import platform
 import shlex
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -58,8 +58,10 @@ def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> 
             continue
         m = metrics.all_metrics(r.R, convention)
         c = r.cost
+        # Runs scored on a validation split (cfbench tune) never share a row with test scores.
+        scenario = r.config["scenario"] + (" [validation]" if r.config.get("validation") else "")
         rows.append({
-            "scenario": r.config["scenario"], "setting": r.config["setting"],
+            "scenario": scenario, "setting": r.config["setting"],
             "strategy": r.config["strategy"],
             "hparams": json.dumps(r.config["hparams"], sort_keys=True),
             "seed": r.config["seed"],
@@ -126,6 +128,17 @@ def summarize(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.D
     return out
 
 
+def describe_selection(selection: Mapping[str, Any]) -> str:
+    """One line for tables and logs, e.g. for a leaderboard's provenance."""
+    v = selection["validation"]
+    tasks = "all tasks" if v.get("tasks") is None else f"first {v['tasks']} task(s)"
+    chosen = " ".join(f"{k}={val}" for k, val in selection["chosen"].items()) or "defaults"
+    return (f"{chosen} chosen by {selection['by']} among {selection['candidates']} "
+            f"candidate(s): {selection['criterion']} ({100 * selection['validation_acc']:.1f}%); "
+            f"validation = {100 * v['fraction']:g}% of each class's training data (split seed "
+            f"{v['seed']}), {tasks}; tuning seeds {selection['tuning_seeds']}")
+
+
 @dataclass
 class Provenance:
     """Where a table came from: costs compare only on the same hardware and versions."""
@@ -138,6 +151,8 @@ class Provenance:
     devices: list[str]
     threads: list[int]
     run_commands: list[str] = field(default_factory=list)
+    selections: list[str] = field(default_factory=list)
+    """How tuned runs' hyperparameters were chosen (``cfbench tune``), one line each."""
 
     @classmethod
     def of(cls, records: Sequence[RunRecord], argv: Sequence[str] | None = None) -> Provenance:
@@ -151,12 +166,15 @@ class Provenance:
             cfbench=distinct("cfbench"), git_sha=distinct("git_sha"), torch=distinct("torch"),
             devices=distinct("device_name"), threads=distinct("threads"),
             run_commands=sorted({r.command for r in records if r.command}),
+            selections=sorted({describe_selection(r.selection) for r in records
+                               if r.selection}),
         )
 
     def lines(self) -> list[str]:
         lines = [f"produced by: {self.command}", f"generated: {self.generated_at} on "
                  f"{platform.node() or 'unknown host'}"]
         lines += [f"runs by: {c}" for c in self.run_commands]
+        lines += [f"hyperparameters: {s}" for s in self.selections]
         shas = ", ".join(sha[:10] + ("-dirty" if sha.endswith("-dirty") else "")
                          for sha in self.git_sha) or "unknown"
         lines.append(f"cfbench {', '.join(self.cfbench)} (git {shas}), "

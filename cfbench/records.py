@@ -25,6 +25,7 @@ from cfbench.scenario import Protocol
 
 SCHEMA_VERSION = 1
 RUN_ID = re.compile(r"[0-9a-f]{16}")
+STATUSES = ("ok", "failed", "interrupted")
 DEFAULT_OUT = Path("results") / "runs"
 
 
@@ -43,10 +44,16 @@ class RunConfig:
     seed: int
     protocol: Protocol
     device: str
+    validation: dict[str, Any] | None = None
+    """None: the scenario's own test split. Otherwise the arguments of
+    `cfbench.validation.validation_split` (fraction, seed, tasks): the run trains on the rest of
+    each task's training data and is evaluated on a held-out part of it (`cfbench tune`)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["protocol"] = dataclasses.asdict(self.protocol)
+        if self.validation is None:
+            del d["validation"]  # absent, not null: ids of runs on the test split are unchanged
         return d
 
     @property
@@ -66,6 +73,8 @@ class RunRecord:
     run_id: str
     config: dict[str, Any]
     status: str = "ok"
+    """One of STATUSES: "ok", "failed" (error says why: an exception, a non-finite loss, a
+    timeout, a crashed worker) or "interrupted" (stopped by Ctrl-C; a resumed sweep reruns it)."""
     error: str | None = None
     traceback: str | None = None
     tasks: list[dict[str, Any]] = field(default_factory=list)
@@ -77,6 +86,9 @@ class RunRecord:
     finished_at: str = ""
     command: str | None = None
     """The command line that produced the run, when it came from the CLI."""
+    selection: dict[str, Any] | None = None
+    """How the hyperparameters were chosen, when `cfbench tune` chose them (protocol, split,
+    seeds, criterion, score). Not part of the config: it does not change the result."""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self, indent: int | None = 1) -> str:

@@ -117,8 +117,11 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.factory) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """The docstring's first sentence, however many lines it wraps over."""
+        paragraph = (inspect.getdoc(self.factory) or "").strip().split("\n\n")[0]
+        text = " ".join(paragraph.split())
+        end = text.find(". ")
+        return text if end < 0 else text[:end + 1]
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with `given`, each value checked and coerced to its declared type."""
@@ -177,8 +180,9 @@ class Registry:
     def register(self, name: str, *, family: str = "other", reference: str = "",
                  settings: tuple[str, ...] = SETTINGS) -> Callable[[F], F]:
         """Decorator that registers a class or function under `name`."""
-        if "+" in name or not name.strip():
-            raise ValueError(f"invalid {self.kind} name {name!r}: '+' composes strategies")
+        if "+" in name.rstrip("+") or not name.strip("+ "):
+            raise ValueError(f"invalid {self.kind} name {name!r}: '+' composes strategies, so a "
+                             "name may only end in '+' (like der++)")
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}; use {SETTINGS}")

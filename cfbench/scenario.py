@@ -52,6 +52,9 @@ class Protocol:
     lr: float = 1e-3
     eval_batch_size: int = 4096
     class_scope: str = "seen"
+    reset_optimizer: bool = True
+    """A fresh optimizer for each task (True), or one whose state (Adam's moments) carries over
+    from task to task, as in Hsu et al. 2018's code (False)."""
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.iterations is None):

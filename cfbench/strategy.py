@@ -14,6 +14,7 @@ and at every evaluation, ``predict`` turns a test batch into class scores.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -238,8 +239,12 @@ class Compose(Strategy):
 
 
 def strategy_names(spec: str) -> list[str]:
-    """``"ewc+replay"`` -> ``["ewc", "replay"]``; each must be registered."""
-    names = [n.strip() for n in spec.split("+")]
+    """``"ewc+replay"`` -> ``["ewc", "replay"]``; each must be registered.
+
+    A '+' joins two names only where a name follows it, so names may end in '+'
+    (``"ewc+der++"`` -> ``["ewc", "der++"]``).
+    """
+    names = [n.strip() for n in re.split(r"\+(?=\s*[A-Za-z0-9_])", spec)]
     if not all(names) or len(set(names)) != len(names):
         raise CfbenchError(f"bad strategy '{spec}': join distinct registered names with '+', "
                            "e.g. ewc+replay")
@@ -273,3 +278,11 @@ def build_strategy(spec: str, hparams: Mapping[str, Mapping[str, Any]], setting:
         except ValueError as exc:
             raise CfbenchError(f"bad hyperparameters for strategy '{name}': {exc}") from None
     return parts[0] if len(parts) == 1 else Compose(parts)
+
+
+def make_strategy(spec: str, setting: str = "class",
+                  hparams: Mapping[str, Mapping[str, Any]] | None = None) -> Strategy:
+    """A ready strategy for use in your own training loop, e.g.
+    ``make_strategy("ewc+replay", "class", {"ewc": {"lam": 100}})``: values are checked and
+    coerced as on the command line, missing ones take their defaults."""
+    return build_strategy(spec, resolve_hparams(spec, hparams or {}), setting)

@@ -2,12 +2,15 @@
 
 Data stays on the device; minibatches are index slices of a seeded permutation (no DataLoader,
 no per-sample Python). Hooks a strategy does not override are never called, so naive fine-tuning
-costs what a bare PyTorch loop costs. Nothing in the step loop synchronises with the host.
+costs what a bare PyTorch loop costs. Nothing in the step loop synchronises with the host: a
+non-finite loss stops the run at once on the CPU (reading a CPU scalar is free) and within
+`NONFINITE_CHECK_EVERY` steps on an accelerator, where a device-side flag is read that often.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,6 +54,24 @@ def warm_up() -> None:
         layer(torch.zeros(1, 2)).sum().backward()
 
 
+NONFINITE_CHECK_EVERY = 50
+"""On an accelerator, steps between reads of the non-finite-loss flag (each read syncs)."""
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a scalar of `device` on the host costs no synchronisation (the CPU)."""
+    return device.type == "cpu"
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite: the run stops and is recorded as failed."""
+
+    def __init__(self, task: Task, task_index: int, step: int, value: float | None) -> None:
+        what = "non-finite loss" + (f" {value}" if value is not None else " (nan or inf)")
+        super().__init__(f"{what} at task {task_index + 1} ('{task.name}'), step {step + 1} "
+                         "of that task; the run was stopped")
+
+
 @dataclass(frozen=True)
 class TaskCost:
     """What training one task took: optimizer steps and their floating-point operations."""
@@ -81,10 +102,12 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
 
     strategy.before_task(ctx, task)
     data = strategy.train_data(ctx, task, ctx.task_data(ctx.task_index))
-    groups = strategy.param_groups(ctx) or [p for p in model.parameters() if p.requires_grad]
-    optimizer = ctx.optimizer = make_optimizer(protocol, groups)
+    if protocol.reset_optimizer or ctx.optimizer is None:
+        groups = strategy.param_groups(ctx) or [p for p in model.parameters() if p.requires_grad]
+        ctx.optimizer = make_optimizer(protocol, groups)
+    optimizer = ctx.optimizer
 
-    def forward_backward(idx: torch.Tensor) -> None:
+    def forward_backward(idx: torch.Tensor) -> torch.Tensor:
         batch = ctx.make_batch(data, idx)
         if has_batch:
             batch = strategy.batch(ctx, batch)
@@ -96,18 +119,32 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
                 loss = loss + extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return loss.detach()
 
     steps = protocol.steps(len(data))
     step_flops = 0
+    # Accelerator: the first step whose loss was not finite (-1: none), kept on the device.
+    first_bad = (None if reads_are_free(ctx.device)
+                 else torch.full((), -1, dtype=torch.long, device=ctx.device))
     model.train()
     for i, idx in enumerate(minibatch_indices(len(data), protocol.batch_size, steps,
                                               ctx.batch_generator, ctx.device)):
         if i == 0:
             with FlopCounterMode(display=False) as counter:
-                forward_backward(idx)
+                loss = forward_backward(idx)
             step_flops = counter.get_total_flops()
         else:
-            forward_backward(idx)
+            loss = forward_backward(idx)
+        if first_bad is None:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(task, ctx.task_index, i, value)
+        else:
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
+            if (i + 1) % NONFINITE_CHECK_EVERY == 0 or i + 1 == steps:
+                bad = int(first_bad)
+                if bad >= 0:
+                    raise NonFiniteLoss(task, ctx.task_index, bad, None)
         if has_after_backward:
             strategy.after_backward(ctx)
         optimizer.step()

@@ -1,5 +1,12 @@
 """Built-in strategies, one module per family; importing this package registers them all."""
 
-from cfbench.strategies import baselines, regularization
+from cfbench.strategies import (
+    baselines,
+    distillation,
+    generative,
+    icarl,
+    regularization,
+    replay,
+)
 
-__all__ = ["baselines", "regularization"]
+__all__ = ["baselines", "distillation", "generative", "icarl", "regularization", "replay"]

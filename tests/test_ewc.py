@@ -10,6 +10,7 @@ from cfbench import registry
 from cfbench.scenario import Setting
 from cfbench.strategies.regularization import (
     EWC,
+    OnlineEWC,
     diagonal_fisher,
     squared_grads_linear,
     squared_grads_vmap,
@@ -104,7 +105,7 @@ def test_separate_penalty_has_the_gradient_of_one_term_per_task(digits_root):
 
 def test_online_fisher_decays_by_gamma(digits_root):
     ctx = context(digits_root, "domain")
-    ewc = EWC(mode="online", gamma=0.5, fisher="empirical", fisher_samples=None)
+    ewc = OnlineEWC(gamma=0.5, fisher="empirical", fisher_samples=None)
     ctx.task_index = 0
     ewc.after_task(ctx, ctx.scenario.tasks[0])
     first = {n: f.clone() for n, f in ewc.fisher.items()}

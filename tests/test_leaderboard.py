@@ -565,3 +565,19 @@ def test_html_page_sorts_by_clicked_column_in_a_browser(browser, board_files, tm
     assert browser.save_screenshot(str(shot))
     pixels = assert_real_png(shot)
     assert pixels.shape[1] >= 1000  # the window's width, not an empty frame
+
+
+def test_tuned_runs_say_how_they_were_chosen_and_validation_scores_stay_apart():
+    tuned = make_record("split", "task", "ewc", 1, R_with_acc(0.9), hparams={"lam": 100})
+    tuned.selection = {
+        "by": "cfbench tune sweep.yaml", "candidates": 3, "chosen": {"ewc.lam": 100},
+        "criterion": "mean final validation ACC", "validation_acc": 0.912,
+        "validation": {"fraction": 0.1, "seed": 0, "tasks": 3}, "tuning_seeds": [0]}
+    scored_on_validation = make_record("split", "task", "ewc", 0, R_with_acc(0.95))
+    scored_on_validation.config["validation"] = {"fraction": 0.1, "seed": 0, "tasks": 3}
+    frame = records_frame([tuned, scored_on_validation])
+    assert sorted(frame["scenario"]) == ["split", "split [validation]"]
+    lines = Provenance.of([tuned]).lines()
+    assert ("hyperparameters: ewc.lam=100 chosen by cfbench tune sweep.yaml among 3 "
+            "candidate(s): mean final validation ACC (91.2%); validation = 10% of each class's "
+            "training data (split seed 0), first 3 task(s); tuning seeds [0]") in lines

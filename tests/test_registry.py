@@ -188,7 +188,7 @@ def test_unknown_hyperparameter_lists_valid_ones_and_a_close_match():
     text = error_text(excinfo)
     assert "unknown hyperparameter 'lamb' for strategy 'ewc'" in text
     assert "did you mean lam" in text
-    assert "valid: lam, mode, gamma, fisher, fisher_samples" in text
+    assert "valid: lam, fisher, fisher_samples, fisher_batch" in text
 
 
 @pytest.mark.parametrize(("name", "value", "expected"), [
@@ -268,7 +268,14 @@ def test_strategy_names_splits_and_validates():
     assert strategy_names("naive") == ["naive"]
 
 
-@pytest.mark.parametrize("spec", ["ewc+", "+ewc", "ewc+ewc", ""])
+def test_names_may_end_in_plus_signs():
+    assert strategy_names("ewc+der++") == ["ewc", "der++"]
+    assert strategy_names("der+++ewc") == ["der++", "ewc"]
+    with pytest.raises(CfbenchError, match="unknown strategy 'ewc\\+'"):
+        strategy_names("ewc+")
+
+
+@pytest.mark.parametrize("spec", ["+ewc", "ewc+ewc", "der+++der++", ""])
 def test_bad_composition_spec(spec):
     with pytest.raises(CfbenchError) as excinfo:
         strategy_names(spec)
@@ -287,18 +294,18 @@ def test_resolve_hparams_rejects_hparams_for_a_strategy_not_in_the_spec():
 
 
 def test_build_composed_strategy_sums_state_bytes():
-    hparams = resolve_hparams("ewc+joint", {"ewc": {"lam": "5", "mode": "online"}})
+    hparams = resolve_hparams("ewc+joint", {"ewc": {"lam": "5", "fisher": "empirical"}})
     assert hparams["joint"] == {} and hparams["ewc"]["lam"] == 5.0
     strategy = build_strategy("ewc+joint", hparams, "class")
     assert isinstance(strategy, Compose)
     ewc, joint = strategy.parts
     assert type(ewc).__name__ == "EWC" and type(joint).__name__ == "Joint"
-    assert (ewc.lam, ewc.mode) == (5.0, "online")
+    assert (ewc.lam, ewc.fisher_labels) == (5.0, "empirical")
     assert strategy.state_bytes() == 0
     joint.seen.append(TrainData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8),
                                 torch.zeros(4, dtype=torch.int64),
                                 torch.zeros(4, dtype=torch.int64)))
-    ewc.fisher, ewc.anchor = {"w": torch.zeros(3)}, {"w": torch.zeros(3)}
+    ewc.importance, ewc.anchor = {"w": torch.zeros(3)}, {"w": torch.zeros(3)}
     assert joint.state_bytes() == 16 + 32 + 32 and ewc.state_bytes() == 24
     assert strategy.state_bytes() == 104
 
@@ -402,7 +409,7 @@ def test_cli_list_builtin_strategies(capsys):
     out = capsys.readouterr().out
     for name in ("naive", "joint", "ewc"):
         assert any(line.startswith(f"{name} ") for line in out.splitlines())
-    assert "lam: float = 1000.0" in out and "mode: separate|online = 'separate'" in out
+    assert "lam: float = 1000.0" in out and "fisher: sampled|empirical|predicted = 'sampled'" in out
 
 
 def run_cli_error(argv: list[str], capsys) -> str:
@@ -498,15 +505,15 @@ def test_parse_hparams_scoped_key():
 
 def test_parse_hparams_bare_key_goes_to_every_declaring_strategy():
     register("t-lam", Lam)
-    parsed = parse_hparams(["lam=0.5", "ewc.mode=online"], ["ewc", "naive+t-lam"])
-    assert parsed == {"ewc": {"lam": "0.5", "mode": "online"}, "t-lam": {"lam": "0.5"}}
+    parsed = parse_hparams(["lam=0.5", "ewc.fisher=empirical"], ["ewc", "naive+t-lam"])
+    assert parsed == {"ewc": {"lam": "0.5", "fisher": "empirical"}, "t-lam": {"lam": "0.5"}}
     resolved = resolve_hparams("ewc+t-lam", parsed)
     assert resolved["ewc"]["lam"] == 0.5 and resolved["t-lam"] == {"lam": 0.5}
-    assert resolved["ewc"]["mode"] == "online"
+    assert resolved["ewc"]["fisher"] == "empirical"
 
 
 def test_parse_hparams_keeps_the_rest_of_the_value():
-    assert parse_hparams(["ewc.mode=a=b"], ["ewc"]) == {"ewc": {"mode": "a=b"}}
+    assert parse_hparams(["ewc.fisher=a=b"], ["ewc"]) == {"ewc": {"fisher": "a=b"}}
 
 
 def test_parse_hparams_bare_key_nobody_declares():

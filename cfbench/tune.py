@@ -1,0 +1,165 @@
+"""`cfbench tune`: choose hyperparameters on validation data, then report on the test split.
+
+1. Every grid point of each (scenario, setting, strategy) in the sweep file runs with the tuning
+   seeds on a validation split carved from each task's training data
+   (`cfbench.validation.validation_split`; only the first k tasks with ``tune.tasks: k``, the
+   protocol of Chaudhry et al. 2019). The test split is never read.
+2. The point with the highest final ACC on validation, averaged over the tuning seeds, is chosen
+   (ties: the first in file order; a point with a failed run is not eligible).
+3. The chosen point runs on the test split with the report seeds (the file's ``seeds``), which
+   must be disjoint from the tuning seeds (van de Ven et al.: tune on one seed, report on
+   others). Each of these records carries ``selection``, saying how its values were chosen.
+
+Validation runs are stored apart from the reported ones (`validation_store`), so a leaderboard
+over the main store never mixes validation and test accuracies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cfbench.errors import CfbenchError
+from cfbench.records import RunConfig, RunRecord
+from cfbench.sweep import PlannedRun, SweepFile, plan
+from cfbench.validation import validation_split
+
+CRITERION = "final ACC on validation, mean over the tuning seeds"
+
+
+@dataclass(frozen=True)
+class TunePlan:
+    """The validation runs, the candidate report runs, and the split they use."""
+
+    sweep: SweepFile
+    tuning: list[PlannedRun]
+    report: list[PlannedRun]
+    validation: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The winner of one (scenario, setting, strategy): its point and validation score."""
+
+    label: str
+    candidate: str | None
+    """Key of the chosen configuration (None: every candidate failed)."""
+    point: dict[str, Any]
+    score: float | None
+    candidates: int
+    ineligible: int
+
+
+def validation_store(store: Path) -> Path:
+    """Where the validation runs of a tune whose reported runs go to `store` are kept."""
+    return store.with_name(f"{store.stem}.validation{store.suffix or '.sqlite'}")
+
+
+def plan_tune(sweep: SweepFile, data_root: Path) -> TunePlan:
+    """Validate the tune section and plan every run (tuning and reported) before any starts."""
+    from cfbench.experiment import load_scenario
+
+    spec = sweep.tune
+    line = sweep.lines.get("tune", 0)
+    if spec is None:
+        raise CfbenchError(f"{sweep.path}: `cfbench tune` needs a 'tune:' section (at least "
+                           "'seeds:', the seeds to tune on); see the README's Sweeps section")
+    shared = sorted(set(spec.seeds) & set(sweep.seeds))
+    if shared:
+        raise CfbenchError(f"{sweep.path}:{line}: tune.seeds: seed(s) {shared} are also in "
+                           f"'seeds'; tune on seeds disjoint from the seeds you report")
+    runs = plan(sweep, data_root, seeds=[*spec.seeds, *sweep.seeds])
+    validation = {"fraction": spec.validation, "seed": spec.split_seed, "tasks": spec.tasks}
+    checked = set()
+    for run in runs:
+        c = run.config
+        key = (c.scenario, json.dumps(c.scenario_options, sort_keys=True), c.scenario_seed)
+        if key not in checked:
+            checked.add(key)
+            try:  # a split that cannot be made fails now, not in a worker
+                validation_split(load_scenario(c.scenario, c.scenario_options, c.scenario_seed,
+                                               data_root, c.device), **validation)
+            except CfbenchError as exc:
+                raise CfbenchError(f"{sweep.path}:{line}: tune: {exc}") from None
+    tuning = [PlannedRun(dataclasses.replace(r.config, validation=validation), r.point)
+              for r in runs if r.config.seed in spec.seeds]
+    report = [r for r in runs if r.config.seed in sweep.seeds]
+    return TunePlan(sweep, tuning, report, validation)
+
+
+def _without(config: RunConfig, *keys: str) -> str:
+    d = config.to_dict()
+    for key in (*keys, "seed", "validation"):
+        d.pop(key, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def group_key(config: RunConfig) -> str:
+    """What one choice is made for: the configuration without hyperparameters, protocol, seed
+    and split (the protocol is tuned too when the file gives it a grid)."""
+    return _without(config, "hparams", "protocol")
+
+
+def candidate_key(config: RunConfig) -> str:
+    """One grid point: the configuration without seed and split."""
+    return _without(config)
+
+
+def select(tune: TunePlan, records: Mapping[str, RunRecord]) -> dict[str, Choice]:
+    """Per group, the grid point with the best mean final validation ACC over tuning seeds."""
+    groups: dict[str, dict[str, list[PlannedRun]]] = {}
+    for run in tune.tuning:
+        groups.setdefault(group_key(run.config), {}).setdefault(
+            candidate_key(run.config), []).append(run)
+    choices = {}
+    for group, candidates in groups.items():
+        best: tuple[float, str, dict[str, Any]] | None = None
+        ineligible = 0
+        for candidate, runs in candidates.items():
+            found = [records.get(r.config.run_id) for r in runs]
+            if any(r is None or r.status != "ok" for r in found):
+                ineligible += 1
+                continue
+            score = sum(r.metrics["acc"] for r in found) / len(found)
+            if best is None or score > best[0]:
+                best = (score, candidate, runs[0].point)
+        c = next(iter(candidates.values()))[0].config
+        label = f"{c.scenario}/{c.setting}/{c.strategy}"
+        if best is None:
+            choices[group] = Choice(label, None, {}, None, len(candidates), ineligible)
+        else:
+            score, candidate, point = best
+            choices[group] = Choice(label, candidate, point, score, len(candidates), ineligible)
+    return choices
+
+
+def selection_entry(tune: TunePlan, choice: Choice) -> dict[str, Any]:
+    """The `selection` of a reported record: how its hyperparameters were chosen."""
+    assert tune.sweep.tune is not None
+    return {"by": "cfbench tune", "criterion": CRITERION, "validation": tune.validation,
+            "tuning_seeds": list(tune.sweep.tune.seeds), "candidates": choice.candidates,
+            "chosen": choice.point, "validation_acc": choice.score}
+
+
+def final_runs(tune: TunePlan, choices: Mapping[str, Choice]) -> list[PlannedRun]:
+    """The reported runs: each group's chosen point on the report seeds."""
+    return [r for r in tune.report
+            if choices[group_key(r.config)].candidate == candidate_key(r.config)]
+
+
+def choice_lines(choices: Sequence[Choice]) -> list[str]:
+    lines = []
+    for c in choices:
+        if c.candidate is None:
+            lines.append(f"{c.label}: nothing chosen: every one of {c.candidates} candidate(s) "
+                         "had a failed validation run")
+            continue
+        values = " ".join(f"{k}={v}" for k, v in c.point.items()) or "(defaults)"
+        skipped = f", {c.ineligible} ineligible (failed)" if c.ineligible else ""
+        lines.append(f"{c.label}: {values}  validation ACC {100 * c.score:.2f}% "
+                     f"({c.candidates} candidate(s){skipped})")
+    return lines
