@@ -130,7 +130,7 @@ def move(model: nn.Module, by: float) -> None:
 def test_l2sp_group_strengths_and_head_apply_to_the_right_parameters(digits_root):
     ctx = digits_context(digits_root, "class")
     ctx.model = mlp(64, (32, 16), ctx.setting.n_outputs)  # body 1.* and 3.*, head 5.*
-    l2sp = L2SP(alpha=0.1, beta=0.01, groups=("1.*=0.5", "*.bias=0"))
+    l2sp = L2SP(alpha=0.1, beta=0.01, exclude_head=False, groups=("1.*=0.5", "*.bias=0"))
     l2sp.setup(ctx)
     start = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     move(ctx.model, 0.2)
