@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from cfbench.models import build_model
 from cfbench.records import RunConfig, RunRecord, environment
 from cfbench.scenario import Scenario, Setting
 from cfbench.strategy import (
+    Strategy,
     TrainContext,
     build_strategy,
     overrides,
@@ -156,31 +158,45 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
     record.tasks = [{"name": t.name, "classes": list(t.classes), "n_train": len(t.y_train),
                      "n_test": len(t.y_test)} for t in scenario.tasks]
 
-    torch.manual_seed(config.seed)
-    model = build_model(config.protocol.model, scenario.input_shape, setting.n_outputs)
-    model = model.to(device)
+    model = _initial_model(config, scenario, setting, device)
     strategy = build_strategy(config.strategy, config.hparams, config.setting)
     ctx = TrainContext.create(model, scenario, setting, config.seed, device)
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
     warm_up()
     train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
     reset_peak_memory(device)
 
+    R = []
+    first = 0
+    if scenario.source is not None:
+        # Transfer: row 0 is the untrained model, row 1 the source learned (identically for
+        # every strategy); the strategy sees the source as a task learned in zero steps.
+        with eval_clock:
+            R.append(evaluate(ctx))
+        model.load_state_dict(source_state(config, scenario, setting, data_root))
+        ctx.task_index, first = 0, 1
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
     strategy.setup(ctx)
+    if first:
+        strategy.before_task(ctx, scenario.tasks[0])
+        strategy.after_task(ctx, scenario.tasks[0])
     with eval_clock:
-        R = [evaluate(ctx, strategy)]
+        R.append(evaluate(ctx, strategy))
     task_costs = []
-    for t, task in enumerate(scenario.tasks):
+    for t in range(first, len(scenario.tasks)):
         ctx.task_index = t
         with train_clock:
-            task_costs.append(train_task(ctx, strategy, task))
+            task_costs.append(train_task(ctx, strategy, scenario.tasks[t]))
+        record.tasks[t]["steps"] = task_costs[-1].steps
         with eval_clock:
             R.append(evaluate(ctx, strategy))
         if on_task:
             on_task(t + 1, len(scenario.tasks))
 
     record.R = R
-    record.metrics = {**metrics.all_metrics(R), "drift": parameter_drift(model, start)}
+    record.metrics = {**metrics.all_metrics(R), "drift": parameter_drift(ctx.model, start)}
+    if first:
+        record.metrics["rem_source"] = metrics.transfer_remembering(R)
+    record.strategy_log = ctx.log
     record.cost = {
         "train_seconds": train_clock.seconds,
         "eval_seconds": eval_clock.seconds,
@@ -191,3 +207,38 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
         "state_bytes": strategy.state_bytes(),
     }
 
+
+def _initial_model(config: RunConfig, scenario: Scenario, setting: Setting,
+                   device: torch.device) -> torch.nn.Module:
+    """The backbone as initialised by the run's seed (the same for every strategy)."""
+    torch.manual_seed(config.seed)
+    return build_model(config.protocol.model, scenario.input_shape, setting.n_outputs).to(device)
+
+
+def source_state(config: RunConfig, scenario: Scenario, setting: Setting, data_root: Path
+                 ) -> dict[str, torch.Tensor]:
+    """The model after the transfer source is learned: pretrained weights loaded, or plain
+    fine-tuning on task 0 for the source's epochs. It depends on neither the strategy nor its
+    hyperparameters, so it is computed once per process for all the strategies of a grid."""
+    key = json.dumps({k: v for k, v in config.to_dict().items()
+                      if k not in ("strategy", "hparams")}, sort_keys=True)
+    if key not in _SOURCE_STATES:
+        assert scenario.source is not None
+        device = torch.device(config.device)
+        model = _initial_model(config, scenario, setting, device)
+        if scenario.source.load is not None:
+            scenario.source.load(model)
+        else:
+            protocol = dataclasses.replace(config.protocol, epochs=scenario.source.epochs,
+                                           iterations=None)
+            source = dataclasses.replace(scenario, protocol=protocol)
+            ctx = TrainContext.create(model, source, Setting(source, setting.name), config.seed,
+                                      device)
+            ctx.task_index = 0
+            train_task(ctx, Strategy(), source.tasks[0])
+        _SOURCE_STATES.clear()  # one scenario at a time: keep memory bounded
+        _SOURCE_STATES[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _SOURCE_STATES[key]
+
+
+_SOURCE_STATES: dict[str, dict[str, torch.Tensor]] = {}

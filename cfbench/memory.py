@@ -218,8 +218,7 @@ def batch_samples(ctx: TrainContext, batch: Batch) -> TrainData:
     """The uint8 inputs and global labels a training minibatch was made from: the exact inverse
     of ``ctx.make_batch`` (the scenario's affine normalisation, and the setting's label ->
     output-unit map), so a stream minibatch can be stored as compactly as the task data."""
-    scenario = ctx.scenario
-    raw = (batch.x * scenario.std + scenario.mean) * 255.0
+    raw = ctx.scenario.pixels(batch.x) * 255.0
     x = raw.round_().clamp_(0, 255).to(torch.uint8)
     y = batch.y
     if ctx.setting.name == "domain":

@@ -84,9 +84,10 @@ def remembering(R) -> float:
 
 
 def transfer_remembering(R) -> float:
-    """REM of a transfer scenario: 100 * R[T,0] / R[0,0], the source task's accuracy kept."""
+    """REM of a transfer scenario, 100 * R[T,1] / R[1,1]: the share of the source's accuracy
+    (task 1, learned before the sequence; row 1 is the pretrained model) kept at the end."""
     m = _matrix(R)
-    return 100.0 * float(m[-1, 0] / m[0, 0]) if m[0, 0] > 0 else math.nan
+    return 100.0 * float(m[-1, 0] / m[1, 0]) if m[1, 0] > 0 else math.nan
 
 
 def all_metrics(R, convention: str = "cfbench") -> dict[str, float]:

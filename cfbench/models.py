@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from cfbench.errors import CfbenchError
@@ -39,6 +40,74 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
                        "an nn.Linear, or give the model 'features' and 'head' attributes")
 
 
+class Backbone(nn.Module):
+    """A feature extractor and a linear head: the shape every non-Sequential model here has,
+    so that ``split_head`` finds the head."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def reduced_resnet18(in_channels: int, n_outputs: int, nf: int = 20) -> Backbone:
+    """The reduced ResNet-18 of the continual-learning literature (Lopez-Paz & Ranzato 2017,
+    Chaudhry et al. 2019): ResNet-18's four stages of two basic blocks with nf, 2nf, 4nf, 8nf
+    channels (nf=20 instead of 64), a 3x3 stem without pooling, global average pooling."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False),
+                               nn.BatchNorm2d(nf), nn.ReLU()]
+    width = nf
+    for stage, stride in enumerate((1, 2, 2, 2)):
+        planes = nf * 2 ** stage
+        layers += [BasicBlock(width, planes, stride), BasicBlock(planes, planes, 1)]
+        width = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Backbone(nn.Sequential(*layers), nn.Linear(width, n_outputs))
+
+
+def torchvision_resnet18(in_channels: int, n_outputs: int, small_inputs: bool) -> Backbone:
+    """torchvision's resnet18 (its parameter names, so its checkpoints load into `features`
+    and `head`), or with `small_inputs` the usual 32x32 adaptation: a 3x3 stride-1 stem and no
+    max pooling."""
+    from torchvision.models import resnet18
+
+    net = resnet18()
+    if small_inputs or in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, *((3, 1, 1) if small_inputs else (7, 2, 3)),
+                              bias=False)
+    if small_inputs:
+        net.maxpool = nn.Identity()
+    head = nn.Linear(net.fc.in_features, n_outputs)
+    net.fc = nn.Identity()
+    return Backbone(net, head)
+
+
+MODELS_HELP = ("mlp:W1,W2,... (e.g. mlp:400,400), resnet18-reduced[:NF] (NF=20), "
+               "resnet18-cifar, resnet18")
+
+
 def build_model(spec: str, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     """Instantiate the backbone named by `spec` for inputs of `input_shape` (no batch dim)."""
     family, _, args = spec.partition(":")
@@ -51,4 +120,14 @@ def build_model(spec: str, input_shape: tuple[int, ...], n_outputs: int) -> nn.M
             raise CfbenchError(f"bad model spec '{spec}': mlp widths must be positive integers, "
                                "e.g. mlp:400,400")
         return mlp(math.prod(input_shape), hidden, n_outputs)
-    raise CfbenchError(f"unknown model '{spec}'; available: mlp:W1,W2,... (e.g. mlp:400,400)")
+    if family.startswith("resnet18") and len(input_shape) != 3:
+        raise CfbenchError(f"model '{spec}' needs image inputs (C x H x W), got shape "
+                           f"{input_shape}")
+    if family == "resnet18-reduced":
+        if args and not (args.isdigit() and int(args) > 0):
+            raise CfbenchError(f"bad model spec '{spec}': the width NF must be a positive "
+                               "integer, e.g. resnet18-reduced:20")
+        return reduced_resnet18(input_shape[0], n_outputs, int(args or 20))
+    if family in ("resnet18", "resnet18-cifar") and not args:
+        return torchvision_resnet18(input_shape[0], n_outputs, family == "resnet18-cifar")
+    raise CfbenchError(f"unknown model '{spec}'; available: {MODELS_HELP}")

@@ -86,6 +86,8 @@ class RunRecord:
     finished_at: str = ""
     command: str | None = None
     """The command line that produced the run, when it came from the CLI."""
+    strategy_log: dict[str, Any] = field(default_factory=dict)
+    """What the strategy reported about the run (e.g. where early stopping ended each task)."""
     selection: dict[str, Any] | None = None
     """How the hyperparameters were chosen, when `cfbench tune` chose them (protocol, split,
     seeds, criterion, score). Not part of the config: it does not change the result."""

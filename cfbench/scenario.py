@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from cfbench.errors import CfbenchError
 from cfbench.registry import SETTINGS
 
+Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""A seeded transform of a whole training batch of float pixels in [0, 1] (N x C x H x W)."""
+
 
 @dataclass
 class Task:
-    """One task: uint8 inputs and int64 global labels, resident on the scenario's device."""
+    """One task: uint8 inputs and int64 global labels, resident on the scenario's device.
+
+    A validation split (`x_val`, `y_val`) is optional: a transfer source keeps one that its
+    pretraining never sees, for strategies that watch the source during fine-tuning.
+    """
 
     name: str
     classes: tuple[int, ...]
@@ -33,11 +42,13 @@ class Task:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Task:
-        return dataclasses.replace(
-            self, **{f: getattr(self, f).to(device) for f in ("x_train", "y_train", "x_test",
-                                                                "y_test")})
+        fields = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
+        return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in fields
+                                            if getattr(self, f) is not None})
 
 
 @dataclass(frozen=True)
@@ -79,16 +90,35 @@ class Protocol:
         return max(1, math.ceil(self.epochs * n_train / self.batch_size - 1e-9))
 
 
+@dataclass(frozen=True)
+class Source:
+    """How task 0 of a transfer scenario is learned before the sequence, the same way for every
+    strategy: loaded from pretrained weights (`load`), or else trained by plain fine-tuning for
+    `epochs` under the run's protocol (model, optimiser, batch size)."""
+
+    epochs: float = 1.0
+    load: Callable[[nn.Module], None] | None = None
+    """Puts pretrained weights into a freshly built model (its head keeps the source's units)."""
+
+
 @dataclass
 class Scenario:
-    """An ordered list of tasks, their input normalisation, and the protocol they train under."""
+    """An ordered list of tasks, their input normalisation, and the protocol they train under.
+
+    `mean` and `std` are one value, or one per channel. `augmentation` transforms training
+    batches only (never evaluation). A scenario with a `source` is a transfer scenario: task 0
+    is the source, learned before the sequence (see `Source`), and the strategy trains tasks
+    1..T-1 after it.
+    """
 
     name: str
     tasks: list[Task]
     protocol: Protocol
     settings: tuple[str, ...] = SETTINGS
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | tuple[float, ...] = 0.0
+    std: float | tuple[float, ...] = 1.0
+    augmentation: Augmentation | None = None
+    source: Source | None = None
     n_classes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,9 +128,34 @@ class Scenario:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.tasks[0].x_train.shape[1:])
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 inputs of a minibatch -> normalised float32 (done per batch, never stored)."""
-        return (x.float() * (1.0 / 255.0) - self.mean) * (1.0 / self.std)
+    def _stats(self, like: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """mean and 1/std, as floats or as (C, 1, 1) tensors on `like`'s device."""
+        if isinstance(self.mean, float | int) and isinstance(self.std, float | int):
+            return self.mean, 1.0 / self.std
+        shape = (-1,) + (1,) * (like.dim() - 2)
+        mean = torch.as_tensor(self.mean, dtype=like.dtype, device=like.device).view(shape)
+        std = torch.as_tensor(self.std, dtype=like.dtype, device=like.device).view(shape)
+        return mean, 1.0 / std
+
+    def prepare(self, x: torch.Tensor, augment: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 inputs of a minibatch -> normalised float32 (done per batch, never stored).
+
+        With a generator, the scenario's augmentation (if any) is applied first, to the pixels.
+        """
+        pixels = x.float() * (1.0 / 255.0)
+        if augment is not None and self.augmentation is not None:
+            pixels = self.augmentation(pixels, augment)
+        return self.normalise(pixels)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float pixels in [0, 1] -> model inputs (the scenario's normalisation)."""
+        mean, inv_std = self._stats(pixels)
+        return (pixels - mean) * inv_std
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `prepare` without augmentation: model inputs -> pixels in [0, 1]."""
+        mean, inv_std = self._stats(x)
+        return x / inv_std + mean
 
     def to(self, device: torch.device | str) -> Scenario:
         return dataclasses.replace(self, tasks=[t.to(device) for t in self.tasks])

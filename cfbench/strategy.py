@@ -68,20 +68,33 @@ class TrainContext:
     """Seeded from the training seed; use it for any randomness a strategy needs."""
     batch_generator: torch.Generator
     """Draws the minibatch order; kept apart so a strategy's sampling never changes it."""
+    augment_generator: torch.Generator | None = None
+    """Draws the scenario's training augmentation (on the device); None: no augmentation."""
     task_index: int = -1
     step: int = 0
     optimizer: torch.optim.Optimizer | None = None
+    stop_task: bool = False
+    """Set by a hook to end the current task after this step (early stopping); the loop
+    clears it when a task starts."""
+    log: dict[str, Any] = field(default_factory=dict)
+    """What strategies report about the run (JSON-serialisable); saved in the run record."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def task_data(self, index: int, split: str = "train") -> TrainData:
-        """Task `index`'s train or test split, each sample tagged with the task index."""
+        """Task `index`'s train, val or test split, each sample tagged with the task index."""
         task = self.scenario.tasks[index]
-        x, y = (task.x_train, task.y_train) if split == "train" else (task.x_test, task.y_test)
+        x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        if x is None:
+            raise CfbenchError(f"task '{task.name}' has no {split} split")
         return TrainData(x, y, torch.full_like(y, index))
 
-    def make_batch(self, data: TrainData, idx: torch.Tensor | slice) -> Batch:
-        return Batch(self.scenario.prepare(data.x[idx]), self.setting.targets(data.y[idx]),
-                     data.task[idx])
+    def make_batch(self, data: TrainData, idx: torch.Tensor | slice, augment: bool = False
+                   ) -> Batch:
+        """The model's view of samples `idx` of `data`; `augment` applies the scenario's
+        training augmentation (the training loop asks for it, evaluation never does)."""
+        generator = self.augment_generator if augment else None
+        return Batch(self.scenario.prepare(data.x[idx], generator),
+                     self.setting.targets(data.y[idx]), data.task[idx])
 
     def logits(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
         """Masked logits of `model` (default: the trained one) for a batch at this point."""
@@ -101,10 +114,13 @@ class TrainContext:
         """
         if isinstance(setting, str):
             setting = Setting(scenario, setting)
-        return cls(model=model, scenario=scenario, setting=setting,
-                   device=torch.device(device),
+        device = torch.device(device)
+        augment = (torch.Generator(device).manual_seed(seed + 2_000_003)
+                   if scenario.augmentation is not None else None)
+        return cls(model=model, scenario=scenario, setting=setting, device=device,
                    generator=torch.Generator().manual_seed(seed),
-                   batch_generator=torch.Generator().manual_seed(seed + 1_000_003))
+                   batch_generator=torch.Generator().manual_seed(seed + 1_000_003),
+                   augment_generator=augment)
 
 
 class Strategy:
@@ -124,7 +140,10 @@ class Strategy:
         return data
 
     def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
-        """Optimizer parameter groups for this task; None means every trainable parameter."""
+        """Optimizer parameter groups for this task; None means every trainable parameter.
+
+        In a composition the groups intersect: a parameter is trained only if every part that
+        defines groups includes it, with the options (e.g. lr) all of them give it."""
         return None
 
     def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
@@ -162,7 +181,7 @@ class Strategy:
 
 HOOKS = ("setup", "before_task", "train_data", "param_groups", "batch", "loss", "penalty",
          "after_backward", "after_step", "after_task", "predict")
-EXCLUSIVE_HOOKS = ("param_groups", "loss", "predict")
+EXCLUSIVE_HOOKS = ("loss", "predict")
 """Hooks whose results cannot be combined: at most one part of a composition may define each."""
 
 
@@ -206,7 +225,11 @@ class Compose(Strategy):
         return owners[0] if owners else Strategy()
 
     def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
-        return self._owner("param_groups").param_groups(ctx)
+        proposals = [(type(p).__name__, groups) for p in self._with("param_groups")
+                     if (groups := p.param_groups(ctx)) is not None]
+        if len(proposals) <= 1:
+            return proposals[0][1] if proposals else None
+        return intersect_groups(proposals)
 
     def loss(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         return self._owner("loss").loss(ctx, batch, logits)
@@ -236,6 +259,42 @@ class Compose(Strategy):
 
     def state_bytes(self) -> int:
         return sum(p.state_bytes() for p in self.parts)
+
+
+def intersect_groups(proposals: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Parameter groups that every (owner, groups) proposal agrees on: the parameters all of
+    them include, each with the union of the options they give it; two different values of
+    one option for one parameter are an error naming both owners. Groups come out in the first
+    proposal's parameter order, one per distinct set of options."""
+    options: dict[int, dict[str, Any]] = {}
+    given_by: dict[tuple[int, str], str] = {}
+    counts: dict[int, int] = {}
+    order: list[torch.nn.Parameter] = []
+    for owner, groups in proposals:
+        for group in groups:
+            extra = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                key = id(p)
+                counts[key] = counts.get(key, 0) + 1
+                if key not in options:
+                    options[key] = {}
+                    order.append(p)
+                for name, value in extra.items():
+                    if name in options[key] and options[key][name] != value:
+                        raise CfbenchError(
+                            f"cannot compose {given_by[key, name]} and {owner}: they give a "
+                            f"parameter different '{name}' values ({options[key][name]} and "
+                            f"{value})")
+                    options[key][name] = value
+                    given_by[key, name] = owner
+    merged: dict[tuple, dict[str, Any]] = {}
+    for p in order:
+        if counts[id(p)] < len(proposals):
+            continue
+        opts = options[id(p)]
+        key = tuple(sorted(opts.items()))
+        merged.setdefault(key, {"params": [], **opts})["params"].append(p)
+    return list(merged.values())
 
 
 def strategy_names(spec: str) -> list[str]:

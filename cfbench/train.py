@@ -72,6 +72,13 @@ class NonFiniteLoss(ArithmeticError):
                          "of that task; the run was stopped")
 
 
+def _check_flag(first_bad: torch.Tensor, task: Task, task_index: int) -> None:
+    """Read the device-side non-finite flag (one sync) and stop the run if it is set."""
+    bad = int(first_bad)
+    if bad >= 0:
+        raise NonFiniteLoss(task, task_index, bad, None)
+
+
 @dataclass(frozen=True)
 class TaskCost:
     """What training one task took: optimizer steps and their floating-point operations."""
@@ -88,12 +95,12 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     strategies that widen it in ``train_data`` (joint training passes over the union, as
     cumulative training does in the literature, and its cost shows it).
 
-    FLOPs are counted once per task, on its first step (forward, penalty and backward,
+    A hook may end the task early by setting ``ctx.stop_task`` (the steps taken are
+    reported). FLOPs are counted once per task, on its first step (forward, penalty and backward,
     replayed samples included), and multiplied by the number of steps; work a strategy does
     outside the step (a Fisher estimate, a buffer update) is not counted.
     """
     protocol = ctx.scenario.protocol
-    model = ctx.model
     has_batch = overrides(strategy, "batch")
     has_loss = overrides(strategy, "loss")
     has_penalty = overrides(strategy, "penalty")
@@ -101,6 +108,8 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     has_after_step = overrides(strategy, "after_step")
 
     strategy.before_task(ctx, task)
+    model = ctx.model  # read after before_task: a strategy may grow the model (a new column)
+    ctx.stop_task = False
     data = strategy.train_data(ctx, task, ctx.task_data(ctx.task_index))
     if protocol.reset_optimizer or ctx.optimizer is None:
         groups = strategy.param_groups(ctx) or [p for p in model.parameters() if p.requires_grad]
@@ -108,7 +117,7 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     optimizer = ctx.optimizer
 
     def forward_backward(idx: torch.Tensor) -> torch.Tensor:
-        batch = ctx.make_batch(data, idx)
+        batch = ctx.make_batch(data, idx, augment=True)
         if has_batch:
             batch = strategy.batch(ctx, batch)
         logits = ctx.logits(batch)
@@ -127,6 +136,7 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     first_bad = (None if reads_are_free(ctx.device)
                  else torch.full((), -1, dtype=torch.long, device=ctx.device))
     model.train()
+    done = 0
     for i, idx in enumerate(minibatch_indices(len(data), protocol.batch_size, steps,
                                               ctx.batch_generator, ctx.device)):
         if i == 0:
@@ -141,18 +151,21 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
                 raise NonFiniteLoss(task, ctx.task_index, i, value)
         else:
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
-            if (i + 1) % NONFINITE_CHECK_EVERY == 0 or i + 1 == steps:
-                bad = int(first_bad)
-                if bad >= 0:
-                    raise NonFiniteLoss(task, ctx.task_index, bad, None)
+            if (i + 1) % NONFINITE_CHECK_EVERY == 0:
+                _check_flag(first_bad, task, ctx.task_index)
         if has_after_backward:
             strategy.after_backward(ctx)
         optimizer.step()
         ctx.step += 1
+        done = i + 1
         if has_after_step:
             strategy.after_step(ctx)
+        if ctx.stop_task:
+            break
+    if first_bad is not None:
+        _check_flag(first_bad, task, ctx.task_index)
     strategy.after_task(ctx, task)
-    return TaskCost(steps, step_flops * steps)
+    return TaskCost(done, step_flops * done)
 
 
 @torch.inference_mode()

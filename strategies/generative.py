@@ -154,7 +154,7 @@ class GenerativeReplay(Strategy):
             return batch
         n, scenario = len(batch.y), ctx.scenario
         pixels = generate(self.vae.decoder, self.latent, n, self.rng)
-        x = ((pixels - scenario.mean) / scenario.std).view(n, *scenario.input_shape)
+        x = scenario.normalise(pixels.view(n, *scenario.input_shape))
         task = torch.randint(ctx.task_index, (n,), generator=self.rng, device=ctx.device)
         with torch.no_grad():
             scores = apply_mask(self.teacher(x), self._old_units(ctx, task))

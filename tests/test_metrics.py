@@ -61,14 +61,15 @@ def test_single_task_leaves_transfer_metrics_undefined():
 def test_zero_denominators_are_nan_not_errors():
     never_learned = [[0.0, 0.0], [0.0, 0.0], [0.0, 0.7]]
     assert math.isnan(metrics.remembering(never_learned))
-    assert math.isnan(metrics.transfer_remembering([[0.0, 0.5], [0.3, 0.9], [0.1, 0.9]]))
+    assert math.isnan(metrics.transfer_remembering([[0.3, 0.5], [0.0, 0.9], [0.1, 0.9]]))
     # A task never learned is left out; the others still count.
     partly = [[0, 0, 0], [0.0, 0, 0], [0.0, 0.8, 0], [0.0, 0.4, 0.9]]
     assert metrics.remembering(partly) == pytest.approx(50.0)
 
 
 def test_transfer_remembering_uses_the_pretrained_row():
-    R = [[0.70, 0.10], [0.35, 0.90], [0.14, 0.95]]
+    # Row 0: untrained; row 1: the source learned (pretrained); row 2: after the target.
+    R = [[0.10, 0.10], [0.70, 0.12], [0.14, 0.95]]
     assert metrics.transfer_remembering(R) == pytest.approx(20.0)
 
 

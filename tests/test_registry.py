@@ -99,14 +99,26 @@ class NoPenalty(Strategy):
         return None
 
 
+PARAMS = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+
+
 class GroupsA(Strategy):
+    """Trains parameters 0 and 1 (a freezing strategy: no options)."""
+
     def param_groups(self, ctx):
-        return [{"params": []}]
+        return [{"params": PARAMS[:2]}]
 
 
 class GroupsB(Strategy):
+    """Gives every parameter its own learning rate (a layer-wise strategy)."""
+
     def param_groups(self, ctx):
-        return [{"params": [], "lr": 0.1}]
+        return [{"params": [PARAMS[0]], "lr": 0.1}, {"params": PARAMS[1:], "lr": 0.01}]
+
+
+class GroupsC(Strategy):
+    def param_groups(self, ctx):
+        return [{"params": PARAMS, "lr": 0.5}]
 
 
 # 1. Registration and typed hyperparameters
@@ -316,17 +328,23 @@ def test_build_reports_invalid_hyperparameters_of_the_factory():
     assert "bad hyperparameters for strategy 'ewc': lam must be >= 0" in error_text(excinfo)
 
 
-def test_two_param_group_setters_cannot_be_composed():
+def test_composed_parameter_groups_intersect():
     register("t-groups-a", GroupsA)
     register("t-groups-b", GroupsB)
+    register("t-groups-c", GroupsC)
     register("t-lam", Lam)
     spec = "t-groups-a+t-lam+t-groups-b"
-    with pytest.raises(CfbenchError) as excinfo:
-        build_strategy(spec, resolve_hparams(spec, {}), "class")
-    text = error_text(excinfo)
-    assert "cannot compose GroupsA and GroupsB" in text and "'param_groups' hook" in text
+    groups = build_strategy(spec, resolve_hparams(spec, {}), "class").param_groups(None)
+    # Only parameters both include are trained, each with the options either gives it.
+    assert [(g["params"], g.get("lr")) for g in groups] == [([PARAMS[0]], 0.1),
+                                                            ([PARAMS[1]], 0.01)]
     one = build_strategy("t-groups-b+t-lam", resolve_hparams("t-groups-b+t-lam", {}), "class")
-    assert one.param_groups(None) == [{"params": [], "lr": 0.1}]
+    assert one.param_groups(None) == GroupsB().param_groups(None)
+    spec = "t-groups-b+t-groups-c"
+    with pytest.raises(CfbenchError) as excinfo:
+        build_strategy(spec, resolve_hparams(spec, {}), "class").param_groups(None)
+    text = error_text(excinfo)
+    assert "cannot compose GroupsB and GroupsC" in text and "different 'lr' values" in text
 
 
 def test_strategy_refuses_an_unsupported_setting():
