@@ -107,12 +107,14 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
     return configs
 
 
-def parameter_drift(model: torch.nn.Module, start: Mapping[str, torch.Tensor]) -> float:
-    """RMS change of the parameters present at the start (shared ones; added heads excluded)."""
+def parameter_drift(model: torch.nn.Module, start: Mapping[int, torch.Tensor]) -> float:
+    """RMS change of the parameters present at the start, keyed by ``id(parameter)``, so a
+    model a strategy wraps or grows is still compared on its original parameters (added
+    heads, adapters and columns are excluded)."""
     total, count = 0.0, 0
-    for name, p in model.named_parameters():
-        if name in start and start[name].shape == p.shape:
-            total += float((p.detach() - start[name]).pow(2).sum())
+    for p in model.parameters():
+        if id(p) in start and start[id(p)].shape == p.shape:
+            total += float((p.detach() - start[id(p)]).pow(2).sum())
             count += p.numel()
     return math.sqrt(total / count) if count else math.nan
 
@@ -174,7 +176,7 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
             R.append(evaluate(ctx))
         model.load_state_dict(source_state(config, scenario, setting, data_root))
         ctx.task_index, first = 0, 1
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = {id(p): p.detach().clone() for p in model.parameters()}
     strategy.setup(ctx)
     if first:
         strategy.before_task(ctx, scenario.tasks[0])

@@ -191,7 +191,11 @@ def overrides(strategy: Strategy, hook: str) -> bool:
 
 
 class Compose(Strategy):
-    """Several strategies as one: data and batches chain, penalties add, hooks run in order."""
+    """Several strategies as one, in the order written: training data and batches chain left to
+    right, penalties add, parameter groups intersect, and every other hook runs left to right.
+    So in ``agem+grad-protect`` the gradient is projected first and then damped, and in
+    ``grad-protect+agem`` the damped gradient is projected. ``loss`` and ``predict`` have at
+    most one owner."""
 
     def __init__(self, parts: list[Strategy]) -> None:
         self.parts = parts

@@ -134,7 +134,7 @@ def rotate(images: torch.Tensor, degrees: float, chunk: int = 8192) -> torch.Ten
     zeros outside), a whole tensor at a time."""
     angle = math.radians(degrees)
     cos, sin = math.cos(angle), math.sin(angle)
-    theta = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]])
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]])  # output -> input coordinates
     out = torch.empty_like(images)
     for start in range(0, len(images), chunk):
         part = images[start:start + chunk].float()

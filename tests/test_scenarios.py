@@ -9,6 +9,7 @@ import torch
 from cfbench import registry
 from cfbench.errors import CfbenchError
 from cfbench.scenario import Setting, apply_mask
+from cfbench.scenarios.mnist import rotate, rotation_angles
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
@@ -107,3 +108,28 @@ def test_uint8_inputs_are_normalised_per_batch(mnist_root):
     assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.3
     assert np.isclose(float(scenario.prepare(torch.zeros(1, dtype=torch.uint8))),
                       -0.1307 / 0.3081, atol=1e-5)
+
+
+def test_rotation_is_exact_at_right_angles_and_counter_clockwise():
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    assert torch.equal(rotate(images, 0.0), images)
+    for k in (1, 2, 3):
+        assert torch.equal(rotate(images, 90.0 * k), torch.rot90(images, k, (2, 3)))
+
+
+def test_rotated_mnist_draws_one_angle_per_task_in_gems_bins(mnist_root):
+    angles = rotation_angles(20, seed=5)
+    assert all(9 * t <= a < 9 * (t + 1) for t, a in enumerate(angles))
+    assert rotation_angles(20, seed=5) == angles != rotation_angles(20, seed=6)
+    scenario = build("rotated-mnist", mnist_root, seed=0, tasks=3)
+    first, second, _ = scenario.tasks
+    assert second.classes == tuple(range(10, 20))
+    assert torch.equal(second.y_train, first.y_train + 10)
+    assert second.name == f"rot{rotation_angles(3, seed=0)[1]:.1f}"
+    ones = build("split-mnist", mnist_root).tasks[0]  # digits 0 and 1, in the file's order
+    ones = ones.x_test[ones.y_test == 1][:50]
+    # The same images as the file's, each task's turned by its own angle.
+    for task, label, angle in zip(scenario.tasks, (1, 11, 21), rotation_angles(3, seed=0),
+                                  strict=True):
+        assert torch.equal(task.x_test[task.y_test == label][:50], rotate(ones, angle))
+    assert not torch.equal(rotate(ones, angle), ones)
