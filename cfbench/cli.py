@@ -78,7 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="number of training seeds (0..N-1)")
     p.add_argument("--scenario-seed", type=int, default=0,
                    help="seed of the task sequence (class order, permutations)")
-    p.add_argument("--tasks", type=_positive_int, help="number of tasks (permuted scenarios)")
+    p.add_argument("--tasks", type=_positive_int, help="number of tasks (scenarios with a "
+                                                        "'tasks' option)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="scenario option (repeatable), e.g. --option target_tasks=5; "
+                        "`cfbench list scenarios` shows each scenario's options")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=_positive_float, help="epochs per task")
     budget.add_argument("--iterations", type=_positive_int, help="optimizer steps per task")
@@ -273,12 +277,20 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.tasks is not None and not any(hp.name == "tasks" for hp in entry.hparams):
         raise CfbenchError(f"--tasks does not apply to scenario '{args.scenario}'; it has a "
                            "fixed task sequence")
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CfbenchError(f"bad --option '{item}': write KEY=VALUE")
+        options[key] = value
+    if args.tasks is not None:
+        options["tasks"] = args.tasks
     root = data_root(args.data_root)
     configs = plan_runs(
         scenario=args.scenario, settings=settings, strategies=args.strategy,
         hparams=parse_hparams(args.hp, args.strategy), seeds=range(args.seeds),
         scenario_seed=args.scenario_seed,
-        scenario_options={"tasks": args.tasks} if args.tasks is not None else {},
+        scenario_options=options,
         protocol_overrides=_protocol_overrides(args), device=args.device, data_root=root,
     )
     out = Path(args.out) if args.out else DEFAULT_OUT

@@ -47,14 +47,15 @@ class HyperParam:
             return "|".join(str(c) for c in typing.get_args(self.type))
         return getattr(self.type, "__name__", str(self.type).replace("typing.", ""))
 
-    def coerce(self, value: Any, owner: str) -> Any:
+    def coerce(self, value: Any, owner: str, word: str = "hyperparameter", flag: str = "--hp"
+               ) -> Any:
         """Return `value` as this parameter's type (parsing strings), or raise CfbenchError."""
         try:
             return _coerce(self.type, value)
         except (TypeError, ValueError) as exc:
             raise CfbenchError(
-                f"bad value {value!r} for hyperparameter '{self.name}' of {owner}: expected "
-                f"{self.type_name} ({exc}); e.g. --hp {self.name}={self.default!r}"
+                f"bad value {value!r} for {word} '{self.name}' of {owner}: expected "
+                f"{self.type_name} ({exc}); e.g. {flag} {self.name}={self.default!r}"
             ) from None
 
 
@@ -126,18 +127,20 @@ class Entry:
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with `given`, each value checked and coerced to its declared type."""
         known = {hp.name: hp for hp in self.hparams}
+        word, flag = (("option", "--option") if self.kind == "scenario"
+                      else ("hyperparameter", "--hp"))
         for key in given:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=3)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 valid = ", ".join(known) or "none"
                 raise CfbenchError(
-                    f"unknown hyperparameter '{key}' for {self.kind} '{self.name}'{hint}; "
+                    f"unknown {word} '{key}' for {self.kind} '{self.name}'{hint}; "
                     f"valid: {valid}"
                 )
         return {
-            name: hp.coerce(given[name], f"{self.kind} '{self.name}'") if name in given
-            else hp.default
+            name: hp.coerce(given[name], f"{self.kind} '{self.name}'", word, flag)
+            if name in given else hp.default
             for name, hp in known.items()
         }
 

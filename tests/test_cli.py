@@ -13,6 +13,7 @@ import pytest
 
 from cfbench.cli import main
 from cfbench.data import IDX_FILES
+from cfbench.records import read_records
 
 CFBENCH = str(Path(sys.executable).parent / "cfbench")
 DIGITS = ["run", "--scenario", "split-digits", "--quiet"]
@@ -200,3 +201,21 @@ def test_readme_plugin_example_runs_as_documented(tmp_path):
     assert records["l2-init"]["cost"]["state_bytes"] > 0
     # The pull toward the start keeps the parameters closer to it than naive's.
     assert records["l2-init"]["metrics"]["drift"] < records["naive"]["metrics"]["drift"]
+
+
+def test_scenario_options_on_the_command_line(digits_root, tmp_path, capsys):
+    base = ["run", "--scenario", "split-digits", "--setting", "task", "--strategy", "naive",
+            "--iterations", "2", "--data-root", str(digits_root), "--out", str(tmp_path),
+            "--quiet"]
+    assert main([*base, "--option", "test_fraction=0.5"]) == 0
+    (record,) = read_records(tmp_path)
+    assert record.config["scenario_options"] == {"test_fraction": 0.5}
+    for option, message in (("test_fraction=half", "bad value 'half' for option "
+                                                   "'test_fraction' of scenario 'split-digits'"),
+                            ("fraction=0.5", "unknown option 'fraction' for scenario "
+                                             "'split-digits' (did you mean test_fraction?)"),
+                            ("test_fraction", "bad --option 'test_fraction': write KEY=VALUE")):
+        capsys.readouterr()
+        assert main([*base, "--option", option]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -188,7 +188,7 @@ def test_on_an_accelerator_the_first_nonfinite_step_is_found_from_a_device_side_
     (("seeds: 1", "seeds: zero"), r"sweep.yaml:8: seeds: expected a number of seeds"),
     (("[task]", "[task, clas]"), r"sweep.yaml:4: settings: unknown setting 'clas'"),
     (("{test_fraction: 0.3}", "{test_fraction: 0.3, tasks: 3}"),
-     r"sweep.yaml:3: scenarios.split-digits.tasks: unknown hyperparameter 'tasks'"),
+     r"sweep.yaml:3: scenarios.split-digits.tasks: unknown option 'tasks'"),
     (("{test_fraction: 0.3}", "{test_fraction: [0.3, 2]}"),
      r"sweep.yaml:3: scenarios.split-digits: bad options for scenario 'split-digits': "
      r"test_fraction must be in \(0, 1\), got 2"),
