@@ -73,6 +73,9 @@ class TrainContext:
     task_index: int = -1
     step: int = 0
     optimizer: torch.optim.Optimizer | None = None
+    task_size: int = 0
+    """Samples the current task trains on (after every ``train_data`` hook), set before
+    ``param_groups``: what epoch- and budget-based schedules count with."""
     stop_task: bool = False
     """Set by a hook to end the current task after this step (early stopping); the loop
     clears it when a task starts."""

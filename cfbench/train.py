@@ -111,6 +111,7 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     model = ctx.model  # read after before_task: a strategy may grow the model (a new column)
     ctx.stop_task = False
     data = strategy.train_data(ctx, task, ctx.task_data(ctx.task_index))
+    ctx.task_size = len(data)
     if protocol.reset_optimizer or ctx.optimizer is None:
         groups = strategy.param_groups(ctx) or [p for p in model.parameters() if p.requires_grad]
         ctx.optimizer = make_optimizer(protocol, groups)

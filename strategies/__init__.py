@@ -3,10 +3,12 @@
 from cfbench.strategies import (
     baselines,
     distillation,
+    finetuning,
     generative,
     icarl,
     regularization,
     replay,
 )
 
-__all__ = ["baselines", "distillation", "generative", "icarl", "regularization", "replay"]
+__all__ = ["baselines", "distillation", "finetuning", "generative", "icarl", "regularization",
+           "replay"]
