@@ -1,5 +1,5 @@
 """Built-in scenarios; importing this package registers them all."""
 
-from cfbench.scenarios import digits, mnist
+from cfbench.scenarios import digits, medical, mnist
 
-__all__ = ["digits", "mnist"]
+__all__ = ["digits", "medical", "mnist"]

@@ -172,7 +172,7 @@ def rotated_mnist(*, data_root: Path, seed: int, tasks: int = 10) -> Scenario:
 
 
 @register_scenario("mnist-to-fashion", family="transfer", reference="transfer: MNIST -> "
-                   "Fashion-MNIST (Xiao et al. 2017)")
+                   "Fashion-MNIST (Xiao et al. 2017)", settings=("task", "class"))
 def mnist_to_fashion(*, data_root: Path, seed: int, target_tasks: int = 1,
                      source_epochs: float = 1.0, source_val: int = 5000) -> Scenario:
     """Pretrain on MNIST (the source, task 0, digits as labels 0-9), then fine-tune on
