@@ -151,8 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="fetch and verify datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download (or copy from offline sources) and verify")
-    f.add_argument("name", choices=["mnist", "fashion-mnist"])
+    f.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10", "cifar100", "medmnist"])
     f.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
+    f.add_argument("--size", type=int, choices=[28, 64, 128, 224], default=28,
+                   help="MedMNIST image size (the imagenet-to-medmnist option medmnist_size)")
     return parser
 
 
@@ -563,8 +565,16 @@ def _cmd_tune(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 def _cmd_data(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.data import data_root, fetch
+    from cfbench.data.cifar import LAYOUTS, fetch_cifar
+    from cfbench.data.medmnist import fetch_medmnist
 
-    path = fetch(args.name, data_root(args.data_root))
+    root = data_root(args.data_root)
+    if args.name == "medmnist":
+        path = fetch_medmnist(root, size=args.size)
+    elif args.name in LAYOUTS:
+        path = fetch_cifar(args.name, root)
+    else:
+        path = fetch(args.name, root)
     print(f"{args.name}: verified files in {path}")
     return 0
 

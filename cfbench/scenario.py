@@ -90,6 +90,32 @@ class Protocol:
         return max(1, math.ceil(self.epochs * n_train / self.batch_size - 1e-9))
 
 
+def class_groups(n_classes: int, tasks: int, seed: int, shuffle: bool
+                 ) -> list[tuple[int, ...]]:
+    """`tasks` disjoint groups of consecutive classes (0/1, 2/3, ...) or, shuffled by the
+    scenario seed, of a random class order; each group sorted."""
+    if tasks < 1 or n_classes % tasks:
+        raise ValueError(f"tasks must divide the {n_classes} classes, got {tasks}")
+    order = (torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+             if shuffle else list(range(n_classes)))
+    size = n_classes // tasks
+    return [tuple(sorted(order[i:i + size])) for i in range(0, n_classes, size)]
+
+
+def split_by_class(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                   y_test: torch.Tensor, groups: list[tuple[int, ...]]) -> list[Task]:
+    """One task per group of (global) labels, keeping the dataset's own train/test split and
+    its sample order; a task is named after its labels ("0/1")."""
+    tasks = []
+    for classes in groups:
+        wanted = torch.tensor(classes, dtype=y_train.dtype)
+        train, test = torch.isin(y_train, wanted), torch.isin(y_test, wanted)
+        tasks.append(Task(name="/".join(map(str, classes)), classes=tuple(classes),
+                          x_train=x_train[train], y_train=y_train[train],
+                          x_test=x_test[test], y_test=y_test[test]))
+    return tasks
+
+
 @dataclass(frozen=True)
 class Source:
     """How task 0 of a transfer scenario is learned before the sequence, the same way for every

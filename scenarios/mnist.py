@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cfbench.data import IdxDataset, load_idx_dataset
 from cfbench.registry import register_scenario
-from cfbench.scenario import Protocol, Scenario, Source, Task
+from cfbench.scenario import Protocol, Scenario, Source, Task, class_groups, split_by_class
 
 # Hsu et al. 2018 ("Re-evaluating continual learning scenarios"): MLP 400-400, Adam 1e-3,
 # batch 128, 4 epochs per task.
@@ -52,23 +52,8 @@ def padded(data: IdxDataset, pad: int, mean: float, std: float
 
 def split_tasks(data: IdxDataset, groups: list[tuple[int, ...]]) -> list[Task]:
     """One task per group of classes, keeping the dataset's own train/test split."""
-    tasks = []
-    for classes in groups:
-        train = np.isin(data.y_train, classes)
-        test = np.isin(data.y_test, classes)
-        tasks.append(Task(
-            name="/".join(map(str, classes)), classes=tuple(classes),
-            x_train=_images(data.x_train[train]), y_train=torch.from_numpy(data.y_train[train]),
-            x_test=_images(data.x_test[test]), y_test=torch.from_numpy(data.y_test[test]),
-        ))
-    return tasks
-
-
-def class_pairs(seed: int, shuffle: bool) -> list[tuple[int, ...]]:
-    """(0,1), (2,3), ... or, shuffled by the scenario seed, five random disjoint pairs."""
-    order = torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist() \
-        if shuffle else list(range(10))
-    return [tuple(sorted(order[i:i + 2])) for i in range(0, 10, 2)]
+    return split_by_class(_images(data.x_train), torch.from_numpy(data.y_train),
+                          _images(data.x_test), torch.from_numpy(data.y_test), groups)
 
 
 @register_scenario("split-mnist", family="mnist", reference="Zenke et al. 2017; Hsu et al. 2018")
@@ -79,7 +64,7 @@ def split_mnist(*, data_root: Path, seed: int, shuffle_classes: bool = False, pa
     `pad=2` frames the images to 32x32 as Hsu et al. 2018 do (the MLP then sees 1024 inputs).
     """
     data, mean, std = padded(load_idx_dataset("mnist", data_root), pad, MNIST_MEAN, MNIST_STD)
-    return Scenario("split-mnist", split_tasks(data, class_pairs(seed, shuffle_classes)),
+    return Scenario("split-mnist", split_tasks(data, class_groups(10, 5, seed, shuffle_classes)),
                     SPLIT_PROTOCOL, mean=mean, std=std)
 
 
@@ -89,7 +74,7 @@ def split_fashion_mnist(*, data_root: Path, seed: int, shuffle_classes: bool = F
     """Fashion-MNIST as 5 tasks of 2 classes (0/1, 2/3, ...), Split-MNIST's protocol."""
     data = load_idx_dataset("fashion-mnist", data_root)
     return Scenario("split-fashion-mnist",
-                    split_tasks(data, class_pairs(seed, shuffle_classes)), SPLIT_PROTOCOL,
+                    split_tasks(data, class_groups(10, 5, seed, shuffle_classes)), SPLIT_PROTOCOL,
                     mean=FASHION_MEAN, std=FASHION_STD)
 
 

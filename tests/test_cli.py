@@ -219,3 +219,10 @@ def test_scenario_options_on_the_command_line(digits_root, tmp_path, capsys):
         assert main([*base, "--option", option]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_data_fetch_medmnist_without_its_package_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # not installed
+    assert main(["data", "fetch", "medmnist", "--size", "64", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install medmnist" in err and "pathmnist_64.npz" in err
