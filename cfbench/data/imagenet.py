@@ -170,7 +170,7 @@ def resnet18_weights(weights: str) -> dict[str, torch.Tensor]:
     if weights in ResNet18_Weights.__members__:
         named = ResNet18_Weights[weights]
         try:
-            return named.get_state_dict(progress=False)
+            return named.get_state_dict(progress=False, check_hash=True)  # name has its hash
         except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a Runtime
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
