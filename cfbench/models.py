@@ -24,6 +24,20 @@ def mlp(in_features: int, hidden: tuple[int, ...], n_outputs: int) -> nn.Sequent
     return nn.Sequential(*layers)
 
 
+def has_running_stats(module: nn.Module) -> bool:
+    """Whether training mode would update the module's buffers (batch norm's running stats)."""
+    return getattr(module, "running_mean", None) is not None
+
+
+def hold_in_eval(modules: list[nn.Module]) -> None:
+    """Put frozen normalisation layers back in eval mode before a forward pass: the loop puts
+    the whole model in train mode at each task's start, and a frozen batch norm must neither
+    normalise with batch statistics nor move its running ones."""
+    for module in modules:
+        if module.training:
+            module.eval()
+
+
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """(feature extractor, head) of a backbone: strategies that distil features, classify by
     feature means or treat the head apart (iCaRL, L2-SP, LoRA) use this one convention.

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from cfbench.errors import CfbenchError
-from cfbench.models import split_head
+from cfbench.models import has_running_stats, hold_in_eval, split_head
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task
 from cfbench.strategy import Batch, Strategy, TrainContext, TrainData
@@ -50,11 +50,6 @@ def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in named if m is not head] + [(n, m) for n, m in named if m is head]
 
 
-def has_running_stats(module: nn.Module) -> bool:
-    """Whether training mode would update the module's buffers (batch norm's running stats)."""
-    return getattr(module, "running_mean", None) is not None
-
-
 class _Freezing(Strategy):
     """Keeps the normalisation layers listed in `still` in eval mode during training."""
 
@@ -62,9 +57,7 @@ class _Freezing(Strategy):
         self.still: list[nn.Module] = []
 
     def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
-        for module in self.still:
-            if module.training:
-                module.eval()
+        hold_in_eval(self.still)
         return batch
 
 

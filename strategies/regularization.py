@@ -75,8 +75,10 @@ class Quadratic(Strategy):
             self.importance, self.anchor = dict(new), dict(theta)
             return
         for name, omega_new in new.items():
-            omega = self.importance[name]
-            if self.gamma is not None:
+            omega = self.importance.get(name)
+            if omega is None:  # a parameter added since (an adapter, a new column)
+                self.importance[name], self.anchor[name] = omega_new, theta[name]
+            elif self.gamma is not None:
                 self.importance[name] = self.gamma * omega + omega_new
                 self.anchor[name] = theta[name]
             else:
@@ -160,7 +162,8 @@ def squared_grads_linear(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mas
     """The same sum without materialising per-sample gradients, when every trainable parameter
     belongs to an nn.Linear fed 2-d inputs: sample i's weight gradient is the outer product
     d_i a_i^T, so sum_i (d_i a_i^T)^2 = (d^2)^T (a^2). Returns None where that does not hold."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and any(p.requires_grad for p in m.parameters())}  # frozen ones have no grad
     owned = {f"{n}.{k}" for n, m in linears.items() for k, p in m.named_parameters()
              if p.requires_grad}
     if owned != set(trainable(model)):

@@ -3,6 +3,7 @@ combinations that cannot work are refused before anything trains."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,13 @@ def test_two_owners_of_the_loss_or_the_prediction_are_refused_before_training():
                                            "defines the 'loss' hook"):
         make_strategy("icarl+generative-replay")
     assert isinstance(make_strategy("icarl+ewc"), Compose)
+
+
+@pytest.mark.parametrize("spec", ["ewc+lora", "lora+ewc", "ewc+progressive", "si+adapter",
+                                  "gradual-unfreeze+layerwise-lr+warmup",
+                                  "ewc+replay+grad-protect"])
+def test_regularisers_compose_with_strategies_that_add_or_freeze_parameters(digits_root, spec):
+    hparams = {"warmup": {"steps": 5}, "gradual-unfreeze": {"every": 3, "unit": "steps"}}
+    record = run_one(digits_root, "split-digits", "task", spec, iterations=20,
+                     hparams={n: hparams[n] for n in spec.split("+") if n in hparams})
+    assert np.diag(np.asarray(record.R)[1:]).min() > 0.6, record.R
