@@ -17,15 +17,18 @@ class Naive(Strategy):
 class Joint(Strategy):
     """Trains on the union of all tasks seen so far (cumulative training, the upper bound).
 
-    Keeps references to earlier tasks' training tensors: its state is all the data seen.
+    Keeps references to earlier tasks' training tensors: its state is all the data seen. A
+    transfer source counts as seen (its training data joins every later task's).
     """
 
     def __init__(self) -> None:
         self.seen: list[TrainData] = []
 
+    def after_task(self, ctx: TrainContext, task: Task) -> None:
+        self.seen.append(ctx.task_data(ctx.task_index))
+
     def train_data(self, ctx: TrainContext, task: Task, data: TrainData) -> TrainData:
-        self.seen.append(data)
-        return TrainData.cat(self.seen)
+        return TrainData.cat([*self.seen, data])
 
     def state_bytes(self) -> int:
         return sum(t.element_size() * t.numel() for d in self.seen for t in (d.x, d.y, d.task))

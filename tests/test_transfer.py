@@ -70,6 +70,8 @@ def test_the_source_is_learned_identically_for_every_strategy_and_seen_as_a_lear
     assert naive.metrics["rem_source"] == pytest.approx(100 * R[2, 0] / R[1, 0])
     assert "steps" not in naive.tasks[0] and naive.tasks[1]["steps"] == 469
     assert naive.cost["steps"] == 469  # pretraining is not the strategy's cost
+    joint = run_one(root, "mnist-to-fashion", "task", "joint", **FAST)
+    assert joint.tasks[1]["steps"] == -(-(55_000 + 60_000) // 128)  # the source's data too
 
     recorder = Recorder()
     registry.strategies.register("t-recorder", family="test")(lambda: recorder)
