@@ -1,7 +1,8 @@
 # The two commands of the README. Each creates .venv and installs what it needs on first use.
 #   make leaderboard   naive, joint and EWC on Split MNIST, all three settings
 #   make test          the test suite (what CI runs through .ci/run; installs the ray extra,
-#                      which the sweep tests use)
+#                      which the sweep tests use, and the peers extra (Avalanche), which the
+#                      adapter's tests use)
 #   make reference     the reference leaderboard in results/reference (3 seeds; ~18 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	@echo "Installing cfbench and torch into $(VENV) (first run only; torch is large)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,ray]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,ray,peers]'
 	touch $@
 
 install: $(STAMP)

@@ -25,11 +25,13 @@ from tests.helpers import run_one
 # features), 0.51 class measured. `warmup`'s default 100 warmup steps outlast a split-digits task
 # (~40 steps), so the rate never passes 40% of the base: 0.49 in the class setting. `lora` and
 # `adapter` on a frozen *random* base (split-digits has no pretraining) under-train in the class
-# setting at 5 epochs: 0.505 each (0.84 and 0.97 at 20 epochs).
+# setting at 5 epochs: 0.505 each (0.84 and 0.97 at 20 epochs). Avalanche's GEM (256 samples per
+# task, margin 0.5, no rehearsal, unmasked memory gradients) reaches 0.30 on the last task.
 DIAGONAL_FLOOR = {("l2", "class"): 0.6, ("generative-replay", "class"): 0.55,
                   ("freeze", "task"): 0.65, ("freeze", "domain"): 0.25,
                   ("freeze", "class"): 0.45, ("warmup", "class"): 0.45,
-                  ("lora", "class"): 0.45, ("adapter", "class"): 0.45}
+                  ("lora", "class"): 0.45, ("adapter", "class"): 0.45,
+                  ("avalanche:GEM", "class"): 0.25}
 CASES = [(name, setting) for name in registry.strategies.names()
          for setting in registry.strategies.get(name).settings]
 
