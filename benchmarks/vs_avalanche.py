@@ -1,46 +1,67 @@
 """cfbench next to Avalanche 0.6.0: the same continual-learning workload in both, timed apart.
 
-The workload (the performance issue's): Split MNIST as cfbench's ``split-mnist`` tensors (5 tasks,
-0/1 ... 8/9), class setting, MLP 784-400-400-10 with the same initial weights (the run seed),
-Adam lr 1e-3, batch 128, 1 epoch per task, test accuracy on every task before training and
-after each task. Two settings follow Avalanche's defaults, so that both systems compute the
-same thing: one Adam across tasks (Avalanche 0.6.0 keeps the optimizer's state; cfbench runs
-with reset_optimizer=False) and unmasked logits (class_scope=all; Avalanche never masks).
-Avalanche gets the very tensors cfbench trains on, normalised once, through
-``tensors_benchmark`` (task label 0: class-incremental).
+The workload (the performance issue's): Split MNIST (5 tasks, 0/1 ... 8/9), class setting,
+MLP 784-400-400-10 with the same initial weights (the run seed), Adam lr 1e-3, batch 128,
+1 epoch per task, test accuracy on every task before training and after each task. Two settings
+follow Avalanche's defaults, so that both systems compute the same thing: one Adam across tasks
+(Avalanche 0.6.0 keeps the optimizer's state; cfbench runs with reset_optimizer=False) and
+unmasked logits (class_scope=all; Avalanche never masks).
+
+Avalanche is fed in two ways (``--feed``, default both), each its own column:
+
+- ``classic``, "Avalanche (classic SplitMNIST)": Avalanche as its documentation and examples
+  run Split MNIST, and so as the field's published Avalanche timings run it:
+  ``avalanche.benchmarks.classic.SplitMNIST(n_experiences=5, fixed_class_order=[0..9],
+  return_task_id=False, dataset_root=...)``. In 0.6.0 that is torchvision's MNIST subclassed
+  (``TensorMNIST``): each sample is read one at a time (uint8 -> float / 255) and normalised by
+  the per-sample transform ``Normalize((0.1307,), (0.3081,))`` inside Avalanche's data loaders
+  (no worker processes, their default). The raw files are cfbench's verified MNIST IDX files,
+  linked into the ``<dataset_root>/MNIST/raw/`` layout torchvision checks for (the four
+  uncompressed files; then nothing is downloaded). The evaluator is Avalanche's
+  ``default_evaluator`` less its one logger, ``InteractiveLogger``, which prints progress bars
+  and metrics to the terminal: it keeps every metric the default computes (top-1 accuracy and
+  loss, per epoch, experience and stream), as a user who leaves the evaluator alone computes.
+- ``tensors``, "Avalanche (our tensors)": the very tensors cfbench trains on, normalised once,
+  through ``tensors_benchmark`` (task label 0), with an ``EvaluationPlugin`` of experience and
+  stream accuracy only and no logger: Avalanche's most favourable case.
 
 Strategies and their hyperparameters in each system's convention are in ``STRATEGIES`` (the
 conversions are derived in ``cfbench.integrations.avalanche``). Each (system, strategy, seed)
 run is a fresh subprocess of this script, so no import, cache or allocator state passes from
-one system to the other; runs alternate between the systems (which goes first alternates too),
-with the same OMP_NUM_THREADS and torch threads. Seconds are taken in-process around training
-and evaluation only (not imports, data loading, building the model or the strategy): for
-Avalanche around ``strategy.train(experience)`` and ``strategy.eval(test_stream)`` with an
-``EvaluationPlugin`` of experience and stream accuracy and no logger (its default evaluator
-also tracks losses and draws progress bars, which would cost it more); for cfbench, the train
-and eval clocks of ``execute``. Evaluation batches are each system's default (cfbench 4096,
-Avalanche the training batch size, 128) unless ``--avalanche-eval-mb-size`` sets Avalanche's:
-the batch size changes no accuracy, only what evaluation costs. The table gives each
-system's fastest run (the least noisy estimate on a shared machine) and the final ACC averaged
-over seeds.
+one system to another; the order of the systems rotates from run to run, with the same
+OMP_NUM_THREADS and torch threads. Seconds are taken in-process around training and
+evaluation only (not imports, data loading, building the model or the strategy): for
+Avalanche around ``strategy.train(experience)`` and ``strategy.eval(test_stream)``; for
+cfbench, the train and eval clocks of ``execute``. Evaluation batches are each system's default
+(cfbench 4096; every Avalanche strategy used here defaults ``eval_mb_size`` to the training
+batch size, 128) unless ``--avalanche-eval-mb-size`` sets Avalanche's: the batch size changes no
+accuracy, only what evaluation costs. The table gives each system's fastest run (the least
+noisy estimate on a shared machine), the speedup of cfbench over each Avalanche feed, and the
+final ACC averaged over seeds.
 
-    python -m benchmarks.vs_avalanche [--strategies naive,ewc] [--seeds N] [--rounds R]
-                                      [--threads T] [--avalanche-eval-mb-size N] [--quick]
+    python -m benchmarks.vs_avalanche [--strategies naive,ewc] [--feed tensors|classic|both]
+                                      [--seeds N] [--rounds R] [--threads T]
+                                      [--avalanche-eval-mb-size N] [--quick]
 
 Without ``--quick`` the results also go to ``results/performance/vs_avalanche.json``.
-``--quick`` runs 2 tasks on 10% of the data, to check the script itself.
+``--quick`` runs 2 tasks on the first 10% of each task's data, to check the script itself
+(the classic feed: SplitMNIST's first 2 experiences, each dataset cut with
+``AvalancheDataset.subset`` and the cuts made a benchmark with ``benchmark_from_datasets``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -50,12 +71,20 @@ from cfbench.scenario import Scenario, Task
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "performance" / "vs_avalanche.json"
-SYSTEMS = ("cfbench", "avalanche")
+FEEDS = {"classic": "avalanche-classic", "tensors": "avalanche-tensors"}
+SYSTEMS = ("cfbench", *FEEDS.values())
+LABELS = {"cfbench": "cfbench", "avalanche-classic": "Avalanche (classic SplitMNIST)",
+          "avalanche-tensors": "Avalanche (our tensors)"}
+SETUPS = {"avalanche-classic": "avalanche.benchmarks.classic.SplitMNIST (per-sample transforms "
+                               "in its data loaders); default_evaluator's metrics, no logger",
+          "avalanche-tensors": "tensors_benchmark of cfbench's normalised tensors; "
+                               "accuracy_metrics(experience=True, stream=True), no logger"}
 MARKER = "VS_AVALANCHE_RESULT "
 SCENARIO = "vs-avalanche-split-mnist"
 PROTOCOL: dict[str, Any] = {"model": "mlp:400,400", "epochs": 1, "batch_size": 128,
                             "optimizer": "adam", "lr": 1e-3, "eval_batch_size": 4096,
                             "class_scope": "all", "reset_optimizer": False}
+MNIST_SHAPE, MNIST_CLASSES = (1, 28, 28), 10
 FULL = {"tasks": 5, "fraction": 1.0}
 QUICK = {"tasks": 2, "fraction": 0.1}
 
@@ -129,57 +158,113 @@ def run_cfbench(pair: Pair, seed: int, size: dict[str, Any]) -> dict[str, Any]:
             "R": record.R}
 
 
-def run_avalanche(pair: Pair, seed: int, size: dict[str, Any], eval_mb_size: int | None
-                  ) -> dict[str, Any]:
+def torchvision_layout(source: Path, root: Path) -> None:
+    """Make `root` what torchvision's MNIST (and so Avalanche's) checks for before it would
+    download: ``root/MNIST/raw/`` holding the four uncompressed IDX files. They are links to
+    cfbench's verified files in `source` (a gzipped one is decompressed there instead)."""
+    from cfbench.data import IDX_FILES
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in IDX_FILES:
+        if (source / name).is_file():
+            (raw / name).symlink_to((source / name).resolve())
+        else:
+            (raw / name).write_bytes(gzip.decompress((source / f"{name}.gz").read_bytes()))
+
+
+def classic_streams(data_root: Path, *, tasks: int = 5, fraction: float = 1.0
+                    ) -> tuple[Sequence[Any], Sequence[Any]]:
+    """Avalanche's SplitMNIST (train and test streams) as its users build it, on the MNIST files
+    in `data_root`; fewer tasks or a fraction keep the samples `workload` keeps."""
+    from avalanche.benchmarks import benchmark_from_datasets, with_task_labels
+    from avalanche.benchmarks.classic import SplitMNIST
+
+    with tempfile.TemporaryDirectory(prefix="vs-avalanche-") as tmp:
+        torchvision_layout(data_root / "mnist", Path(tmp))
+        bench = SplitMNIST(n_experiences=FULL["tasks"], fixed_class_order=list(range(10)),
+                           return_task_id=False, dataset_root=tmp)  # loads every file now
+    if (tasks, fraction) == (FULL["tasks"], FULL["fraction"]):
+        return bench.train_stream, bench.test_stream
+
+    def cut(stream: Sequence[Any], assignment: list[list[int]]) -> list[Any]:
+        """Each experience's first samples in MNIST's order (its dataset is sorted by class),
+        the samples cfbench's cut keeps."""
+        kept = []
+        for experience, indices in zip(list(stream)[:tasks], assignment[:tasks], strict=True):
+            order = sorted(range(len(indices)), key=indices.__getitem__)
+            kept.append(experience.dataset.subset(order[:round(len(order) * fraction)]))
+        return kept
+
+    small = with_task_labels(benchmark_from_datasets(
+        train=cut(bench.train_stream, bench.train_exps_patterns_assignment),
+        test=cut(bench.test_stream, bench.test_exps_patterns_assignment)))
+    return small.train_stream, small.test_stream
+
+
+def tensor_streams(data_root: Path, *, tasks: int = 5, fraction: float = 1.0
+                   ) -> tuple[Sequence[Any], Sequence[Any]]:
+    """cfbench's own tensors of the workload, normalised once, as an Avalanche benchmark."""
+    from avalanche.benchmarks import tensors_benchmark
+
+    scenario = workload(data_root=data_root, seed=0, tasks=tasks, fraction=fraction)
+
+    def tensors(split: str) -> list[list[Any]]:
+        return [[scenario.prepare(getattr(t, f"x_{split}")), getattr(t, f"y_{split}")]
+                for t in scenario.tasks]
+
+    bench = tensors_benchmark(train_tensors=tensors("train"), test_tensors=tensors("test"),
+                              task_labels=[0] * len(scenario.tasks))
+    return bench.train_stream, bench.test_stream
+
+
+def run_avalanche(pair: Pair, seed: int, size: dict[str, Any], feed: str,
+                  eval_mb_size: int | None) -> dict[str, Any]:
+    """One run of `pair` in Avalanche fed by `feed` (classic or tensors; see the module doc)."""
     import random
 
     import numpy as np
     import torch
-    from avalanche.benchmarks import tensors_benchmark
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training import supervised
     from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.plugins.evaluation import default_evaluator
 
     from cfbench.data import data_root
     from cfbench.models import build_model
 
-    scenario = workload(data_root=data_root(), seed=0, **size)
+    if feed == "classic":
+        train_stream, test_stream = classic_streams(data_root(), **size)
+        evaluator = EvaluationPlugin(default_evaluator().metrics, loggers=[])
+    else:
+        train_stream, test_stream = tensor_streams(data_root(), **size)
+        evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     torch.manual_seed(seed)  # the initial weights cfbench's run seed gives
     random.seed(seed)
     np.random.seed(seed)
-    model = build_model(PROTOCOL["model"], scenario.input_shape, scenario.n_classes)
-
-    def tensors(split: str) -> list[list[torch.Tensor]]:
-        return [[scenario.prepare(getattr(t, f"x_{split}")), getattr(t, f"y_{split}")]
-                for t in scenario.tasks]
-
-    tasks = len(scenario.tasks)
-    bench = tensors_benchmark(train_tensors=tensors("train"), test_tensors=tensors("test"),
-                              task_labels=[0] * tasks)
+    model = build_model(PROTOCOL["model"], MNIST_SHAPE, MNIST_CLASSES)
     strategy = getattr(supervised, pair.theirs)(
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=PROTOCOL["lr"]),
         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=PROTOCOL["batch_size"],
-        train_epochs=PROTOCOL["epochs"], eval_mb_size=eval_mb_size,
-        device="cpu", evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
-                                                 loggers=[]),
-        **pair.theirs_hp)
+        train_epochs=PROTOCOL["epochs"], eval_mb_size=eval_mb_size, device="cpu",
+        evaluator=evaluator, **pair.theirs_hp)
     seconds = {"train_s": 0.0, "eval_s": 0.0}
     R = []
 
-    def timed(key: str, call, *args, **kwargs):
+    def timed(key: str, call, *args):
         start = time.perf_counter()
-        result = call(*args, **kwargs)
+        result = call(*args)
         seconds[key] += time.perf_counter() - start
         return result
 
     def evaluate() -> None:
-        metrics = timed("eval_s", strategy.eval, bench.test_stream)
+        metrics = timed("eval_s", strategy.eval, test_stream)
         R.append([metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{i:03d}"]
-                  for i in range(tasks)])
+                  for i in range(len(test_stream))])
 
     evaluate()
-    for experience in bench.train_stream:
-        timed("train_s", strategy.train, experience, eval_streams=[])
+    for experience in train_stream:
+        timed("train_s", strategy.train, experience)
         evaluate()
     return {**seconds, "R": R}
 
@@ -190,8 +275,11 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     pair, size = STRATEGIES[args.strategy], QUICK if args.quick else FULL
-    result = (run_cfbench(pair, args.seed, size) if args.worker == "cfbench"
-              else run_avalanche(pair, args.seed, size, args.avalanche_eval_mb_size))
+    if args.worker == "cfbench":
+        result = run_cfbench(pair, args.seed, size)
+    else:
+        feed = next(f for f, system in FEEDS.items() if system == args.worker)
+        result = run_avalanche(pair, args.seed, size, feed, args.avalanche_eval_mb_size)
     print(MARKER + json.dumps(result), flush=True)
 
 
@@ -216,32 +304,45 @@ def spawn(system: str, strategy: str, seed: int, args: argparse.Namespace) -> di
 
 
 def summarise(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict[str, Any]]:
-    """Per strategy and system: the fastest run's seconds, and the final ACC over seeds."""
+    """Per strategy and system that ran: the fastest run's seconds and the final ACC over seeds;
+    and per Avalanche feed, its fastest seconds over cfbench's (cfbench's speedup)."""
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in runs)]
     rows = []
     for name in strategies:
         row: dict[str, Any] = {"strategy": name}
-        for system in SYSTEMS:
+        for system in systems:
             mine = [r for r in runs if r["strategy"] == name and r["system"] == system]
             best = min(mine, key=lambda r: r["total_s"])
             per_seed = {r["seed"]: r["acc"] for r in mine}
             row[system] = {"total_s": best["total_s"], "train_s": best["train_s"],
                            "eval_s": best["eval_s"],
                            "acc": sum(per_seed.values()) / len(per_seed)}
-        row["speedup"] = row["avalanche"]["total_s"] / row["cfbench"]["total_s"]
+        row["speedup"] = {s: row[s]["total_s"] / row["cfbench"]["total_s"]
+                          for s in systems if s != "cfbench"}
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table: seconds (train + eval) of each system, cfbench's speedup over each Avalanche
+    feed next to it, then the final ACC of each system."""
+    feeds = list(rows[0]["speedup"])
+    systems = ["cfbench", *feeds]
+
     def seconds(side: dict[str, Any]) -> str:
         return f"{side['total_s']:.1f} ({side['train_s']:.1f} + {side['eval_s']:.1f})"
 
-    lines = ["| strategy | cfbench s (train + eval) | Avalanche 0.6.0 s (train + eval) | "
-             "speedup | ACC cfbench | ACC Avalanche |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['strategy']} | {seconds(r['cfbench'])} | {seconds(r['avalanche'])} | "
-              f"{r['speedup']:.1f}x | {100 * r['cfbench']['acc']:.1f} | "
-              f"{100 * r['avalanche']['acc']:.1f} |" for r in rows]
+    head = ["strategy", "cfbench s (train + eval)"]
+    for feed in feeds:
+        head += [f"{LABELS[feed]} s (train + eval)", "speedup"]
+    head += [f"ACC {LABELS[s]}" for s in systems]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["strategy"], seconds(r["cfbench"])]
+        for feed in feeds:
+            cells += [seconds(r[feed]), f"{r['speedup'][feed]:.1f}x"]
+        cells += [f"{100 * r[s]['acc']:.1f}" for s in systems]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -260,6 +361,9 @@ def _parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--strategies", default=",".join(STRATEGIES),
                    help=f"comma-separated, from {', '.join(STRATEGIES)} (default: all)")
+    p.add_argument("--feed", choices=(*FEEDS, "both"), default="both",
+                   help="how Avalanche gets its data: classic (its SplitMNIST, as its users run "
+                        "it), tensors (cfbench's tensors) or both (default)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repetitions of every run; the fastest counts (default 1)")
@@ -306,12 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     except CfbenchError as exc:
         print(f"vs_avalanche: error: {exc}", file=sys.stderr)
         return 2
+    systems = ["cfbench", *(system for feed, system in FEEDS.items()
+                            if args.feed in (feed, "both"))]
     runs = []
     for round_ in range(args.rounds):
         for i, name in enumerate(strategies):
             for seed in range(args.seeds):
-                order = SYSTEMS if (round_ + i + seed) % 2 == 0 else SYSTEMS[::-1]
-                for system in order:
+                first = (round_ + i + seed) % len(systems)  # who goes first rotates
+                for system in systems[first:] + systems[:first]:
                     run = spawn(system, name, seed, args)
                     runs.append(run)
                     print(f"round {round_ + 1} {name} seed {seed} {system}: "
@@ -323,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "workload": {"scenario": "split-mnist", "setting": "class", **FULL,
                          "protocol": PROTOCOL},
+            "feeds": {s: SETUPS[s] for s in systems[1:]},
             "seeds": args.seeds, "rounds": args.rounds, "threads": args.threads,
             "avalanche_eval_mb_size": args.avalanche_eval_mb_size or PROTOCOL["batch_size"],
             "versions": _versions(),

@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--model", help="backbone spec, e.g. mlp:100,100")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--batch-seeds", action="store_true",
+                   help="train the seeds of each configuration as one vectorised job where the "
+                        "strategy allows it (same records; faster on a GPU)")
     p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     p.add_argument("--out", default=None, help="directory for run records (default results/runs)")
     p.add_argument("--store", default=None, metavar="FILE",
@@ -265,11 +268,12 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from tqdm.auto import tqdm
 
     from cfbench import registry
+    from cfbench.batched import execute_many, seed_groups
     from cfbench.data import data_root
-    from cfbench.experiment import execute, load_scenario, plan_runs
+    from cfbench.experiment import load_scenario, plan_runs
     from cfbench.formats import render
     from cfbench.leaderboard import Provenance, summarize
-    from cfbench.records import DEFAULT_OUT, write_record
+    from cfbench.records import DEFAULT_OUT, RunRecord, write_record
     from cfbench.store import Store
 
     for path in args.plugin:
@@ -304,19 +308,28 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     records, failed = [], []
     with tqdm(total=len(configs) * n_tasks, unit="task", disable=args.quiet,
               desc=f"{len(configs)} runs") as bar:
-        for config in configs:
-            bar.set_postfix_str(f"{config.setting}/{config.strategy}/seed {config.seed}")
-            record = execute(config, root, on_task=lambda done, total: bar.update(1))
+
+        def keep(record: RunRecord) -> None:
             record.command = command
             bar.n = bar.total * (len(records) + 1) // len(configs)  # a failed run ends early
+            bar.refresh()
             path = write_record(record, out)
             if store is not None:
                 store.put(record)
             records.append(record)
             if record.status != "ok":
-                failed.append(f"{record.run_id} ({config.setting}/{config.strategy}/seed "
-                              f"{config.seed}): {record.error}")
-                bar.write(f"run failed: {failed[-1]}; record in {path}")
+                c = record.config
+                failed.append(f"{record.run_id} ({c['setting']}/{c['strategy']}/seed "
+                              f"{c['seed']}): {record.error}")
+                bar.write(f"run failed: {failed[-1]}; record in {path}", file=sys.stderr)
+
+        if args.batch_seeds:
+            for group in seed_groups(configs):
+                if group.reason is not None and len(group.configs) > 1:
+                    bar.write(f"{group.configs[0].strategy}: seeds run one at a time "
+                              f"({group.reason})", file=sys.stderr)
+        execute_many(configs, root, batch=args.batch_seeds, on_record=keep,
+                     on_task=lambda done, total: bar.update(1))
     if any(r.status == "ok" for r in records):
         print(render(summarize(records), args.format, Provenance.of(records, argv)), end="")
         print(f"{len(records)} run records in {out}/", file=sys.stderr)

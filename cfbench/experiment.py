@@ -119,14 +119,14 @@ def parameter_drift(model: torch.nn.Module, start: Mapping[int, torch.Tensor]) -
     return math.sqrt(total / count) if count else math.nan
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def execute(config: RunConfig, data_root: Path,
             on_task: Callable[[int, int], None] | None = None) -> RunRecord:
     """Run one configuration. A failure inside training is returned as a failed record."""
-    record = RunRecord(run_id=config.run_id, config=config.to_dict(), started_at=_now(),
+    record = RunRecord(run_id=config.run_id, config=config.to_dict(), started_at=utc_now(),
                        env=environment(config.device))
     try:
         _fill(record, config, data_root, on_task)
@@ -136,7 +136,7 @@ def execute(config: RunConfig, data_root: Path,
         record.status = "failed"
         record.error = f"{type(exc).__name__}: {exc}"
         record.traceback = traceback.format_exc(limit=8)
-    record.finished_at = _now()
+    record.finished_at = utc_now()
     return record
 
 
@@ -145,22 +145,16 @@ def unfinished_record(config: RunConfig, status: str, reason: str, started_at: s
     """The record of a run that did not finish in its own process: a crashed or killed worker
     ("failed"), or one stopped by Ctrl-C ("interrupted")."""
     return RunRecord(run_id=config.run_id, config=config.to_dict(), status=status, error=reason,
-                     started_at=started_at or _now(), finished_at=_now())
+                     started_at=started_at or utc_now(), finished_at=utc_now())
 
 
 def _fill(record: RunRecord, config: RunConfig, data_root: Path,
           on_task: Callable[[int, int], None] | None) -> None:
     device = torch.device(config.device)
-    scenario = load_scenario(config.scenario, config.scenario_options, config.scenario_seed,
-                             data_root, config.device)
-    if config.validation is not None:
-        scenario = validation_split(scenario, **config.validation)
-    scenario = dataclasses.replace(scenario, protocol=config.protocol)
-    setting = Setting(scenario, config.setting)
-    record.tasks = [{"name": t.name, "classes": list(t.classes), "n_train": len(t.y_train),
-                     "n_test": len(t.y_test)} for t in scenario.tasks]
+    scenario, setting = run_scenario(config, data_root)
+    record.tasks = task_summaries(scenario)
 
-    model = _initial_model(config, scenario, setting, device)
+    model = initial_model(config, scenario, setting, device)
     strategy = build_strategy(config.strategy, config.hparams, config.setting)
     ctx = TrainContext.create(model, scenario, setting, config.seed, device)
     warm_up()
@@ -210,7 +204,24 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
     }
 
 
-def _initial_model(config: RunConfig, scenario: Scenario, setting: Setting,
+def run_scenario(config: RunConfig, data_root: Path) -> tuple[Scenario, Setting]:
+    """The scenario a run trains on (its validation split, if any, and its protocol), and its
+    setting."""
+    scenario = load_scenario(config.scenario, config.scenario_options, config.scenario_seed,
+                             data_root, config.device)
+    if config.validation is not None:
+        scenario = validation_split(scenario, **config.validation)
+    scenario = dataclasses.replace(scenario, protocol=config.protocol)
+    return scenario, Setting(scenario, config.setting)
+
+
+def task_summaries(scenario: Scenario) -> list[dict[str, Any]]:
+    """What a run record says about each task (the loop adds the steps it trained)."""
+    return [{"name": t.name, "classes": list(t.classes), "n_train": len(t.y_train),
+             "n_test": len(t.y_test)} for t in scenario.tasks]
+
+
+def initial_model(config: RunConfig, scenario: Scenario, setting: Setting,
                    device: torch.device) -> torch.nn.Module:
     """The backbone as initialised by the run's seed (the same for every strategy)."""
     torch.manual_seed(config.seed)
@@ -227,7 +238,7 @@ def source_state(config: RunConfig, scenario: Scenario, setting: Setting, data_r
     if key not in _SOURCE_STATES:
         assert scenario.source is not None
         device = torch.device(config.device)
-        model = _initial_model(config, scenario, setting, device)
+        model = initial_model(config, scenario, setting, device)
         if scenario.source.load is not None:
             scenario.source.load(model)
         else:

@@ -6,6 +6,7 @@ and without Avalanche the error is one line that says how to install it."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import importlib
 import random
 import subprocess
@@ -240,26 +241,76 @@ def test_the_summary_reports_each_systems_fastest_run_and_the_mean_acc_over_seed
                 "eval_s": 1.0, "total_s": train + 1.0, "acc": acc}
 
     runs = [run("cfbench", 0, 3.0, 0.2), run("cfbench", 0, 2.0, 0.2), run("cfbench", 1, 4.0, 0.4),
-            run("avalanche", 0, 19.0, 0.1), run("avalanche", 1, 29.0, 0.3)]
+            run("avalanche-classic", 0, 59.0, 0.1), run("avalanche-classic", 1, 44.0, 0.3),
+            run("avalanche-tensors", 0, 19.0, 0.5), run("avalanche-tensors", 1, 29.0, 0.7)]
     (row,) = vs_avalanche.summarise(runs, ["naive"])
     assert row["cfbench"] == {"total_s": 3.0, "train_s": 2.0, "eval_s": 1.0,
                               "acc": pytest.approx(0.3)}
-    assert row["avalanche"]["total_s"] == 20.0 and row["speedup"] == pytest.approx(20 / 3)
+    assert row["avalanche-classic"]["total_s"] == 45.0
+    assert row["speedup"] == {"avalanche-classic": pytest.approx(15.0),
+                              "avalanche-tensors": pytest.approx(20 / 3)}
     table = vs_avalanche.markdown([row])
-    assert "| naive | 3.0 (2.0 + 1.0) | 20.0 (19.0 + 1.0) | 6.7x | 30.0 | 20.0 |" in table
+    assert ("| naive | 3.0 (2.0 + 1.0) | 45.0 (44.0 + 1.0) | 15.0x | 20.0 (19.0 + 1.0) | 6.7x "
+            "| 30.0 | 20.0 | 60.0 |") in table
+    # One feed asked for: its columns only.
+    (row,) = vs_avalanche.summarise([r for r in runs if r["system"] != "avalanche-classic"],
+                                    ["naive"])
+    assert list(row["speedup"]) == ["avalanche-tensors"]
+    assert "classic" not in vs_avalanche.markdown([row])
 
 
 @pytest.mark.mnist
-def test_the_quick_benchmark_runs_both_systems_and_prints_the_table(mnist_root):
+def test_the_classic_feed_is_avalanches_split_mnist_on_cfbenchs_files(
+        mnist_root, tmp_path, monkeypatch):
+    # A data root whose test labels are only gzipped, as a hand-placed copy may be: torchvision
+    # must find all four files uncompressed (else it would try to download, and fail here).
+    from avalanche.benchmarks.datasets.external_datasets.mnist import TensorMNIST
+
+    from cfbench.data import IDX_FILES
+
+    source = tmp_path / "mnist"
+    source.mkdir()
+    for name in IDX_FILES[:-1]:
+        (source / name).symlink_to(mnist_root / "mnist" / name)
+    last = (mnist_root / "mnist" / IDX_FILES[-1]).read_bytes()
+    (source / f"{IDX_FILES[-1]}.gz").write_bytes(gzip.compress(last))
+    train, test = vs_avalanche.classic_streams(tmp_path, **vs_avalanche.QUICK)
+    ours = vs_avalanche.workload(data_root=mnist_root, seed=0, **vs_avalanche.QUICK)
+    reads = []
+    read = TensorMNIST.__getitem__
+    monkeypatch.setattr(TensorMNIST, "__getitem__", lambda d, i: reads.append(i) or read(d, i))
+    assert len(train) == len(test) == 2
+    for stream, split in ((train, "train"), (test, "test")):
+        for experience, task in zip(stream, ours.tasks, strict=True):
+            samples = list(experience.dataset.eval())
+            # The very samples of cfbench's cut, in its order, normalised alike ...
+            assert torch.equal(torch.tensor([s[1] for s in samples]), getattr(task, f"y_{split}"))
+            torch.testing.assert_close(torch.stack([s[0] for s in samples]),
+                                       ours.prepare(getattr(task, f"x_{split}")))
+    # ... each read on its own from torchvision's MNIST, as Avalanche's data loaders read them.
+    assert len(reads) == sum(len(e.dataset) for e in (*train, *test))
+
+
+@pytest.mark.mnist
+def test_the_quick_benchmark_runs_cfbench_and_both_avalanche_feeds(mnist_root):
     before = vs_avalanche.OUT.stat().st_mtime_ns if vs_avalanche.OUT.exists() else None
     done = subprocess.run([sys.executable, "-m", "benchmarks.vs_avalanche", "--quick",
                            "--strategies", "naive"], cwd=ROOT, capture_output=True, text=True,
                           timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| strategy | cfbench s (train + eval) | Avalanche 0.6.0 s" in done.stdout
+    assert ("| strategy | cfbench s (train + eval) | Avalanche (classic SplitMNIST) s (train + "
+            "eval) | speedup | Avalanche (our tensors) s (train + eval) | speedup | ACC cfbench | "
+            "ACC Avalanche (classic SplitMNIST) | ACC Avalanche (our tensors) |") in done.stdout
     row = next(line for line in done.stdout.splitlines() if line.startswith("| naive |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3].endswith("x") and all(0 < float(c) <= 100 for c in cells[4:])
-    assert "naive seed 0 cfbench" in done.stderr and "naive seed 0 avalanche" in done.stderr
+    assert cells[3].endswith("x") and cells[5].endswith("x")
+    accs = [float(c) for c in cells[6:]]
+    assert all(50 < a <= 100 for a in accs)
+    # Avalanche's SplitMNIST, cut for --quick, holds the samples cfbench's tensors hold, in the
+    # same order; with the same initial weights and minibatch order both feeds learn the same
+    # model (measured: 72.0 each; cfbench 83.3, its own minibatch order).
+    assert abs(accs[1] - accs[2]) <= 0.1
+    for system in ("cfbench", "avalanche-classic", "avalanche-tensors"):
+        assert f"naive seed 0 {system}:" in done.stderr
     after = vs_avalanche.OUT.stat().st_mtime_ns if vs_avalanche.OUT.exists() else None
     assert after == before  # --quick writes no results
