@@ -12,7 +12,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser leaderboard reference test bench lint
+.PHONY: install browser leaderboard reference transfer peers test bench lint
 STRATEGIES ?= naive,joint,ewc
 REF := results/reference
 
@@ -46,6 +46,20 @@ reference: $(STAMP)
 		--seeds 3 --out $(REF)/runs --quiet
 	$(BIN)/cfbench leaderboard --records $(REF)/runs --plots --out $(REF) \
 		--format md --format html --format csv --format json --format latex
+
+# The transfer leaderboard in results/mnist-to-fashion (every strategy, 3 seeds; ~45 min on 2 cores).
+transfer: $(STAMP)
+	$(BIN)/cfbench data fetch mnist
+	$(BIN)/cfbench data fetch fashion-mnist
+	$(BIN)/cfbench sweep results/mnist-to-fashion/sweep.yaml --resume --quiet \
+		--store results/mnist-to-fashion/runs.sqlite --out results/mnist-to-fashion/runs
+	$(BIN)/cfbench leaderboard --records results/mnist-to-fashion/runs --plots \
+		--out results/mnist-to-fashion --format md --format html --format csv --format json
+
+# cfbench next to Avalanche 0.6.0 (results/performance/vs_avalanche.json; ~10 min).
+peers: $(STAMP)
+	$(BIN)/cfbench data fetch mnist
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.vs_avalanche --seeds 1 --rounds 1
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .

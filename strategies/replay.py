@@ -56,14 +56,30 @@ def _with_memory(data: TrainData, buffer: Memory, oversample: bool) -> TrainData
 
 
 class _Rehearsal(Strategy):
-    """What every strategy here shares: one memory, whose bytes are the state kept."""
+    """What every strategy here shares: one memory, whose bytes are the state kept.
+
+    Rebuilt memories (class-balanced, per-task) take each task's samples at its end. A
+    reservoir is fed stream minibatches during training; a task learned without steps (a
+    transfer source) offers its whole training set at its end instead, so the source is
+    remembered too.
+    """
 
     def __init__(self, buffer: Memory) -> None:
         self.buffer = buffer
+        self._seen_at_start = 0
+
+    def before_task(self, ctx: TrainContext, task: Task) -> None:
+        self._seen_at_start = self.buffer.seen
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:
-        if self.buffer.selection != "reservoir":
-            self.buffer.add_task(ctx.task_data(ctx.task_index), ctx.generator)
+        streamed = self.buffer.seen > self._seen_at_start
+        if self.buffer.selection != "reservoir" or not streamed:
+            data = ctx.task_data(ctx.task_index)
+            self.buffer.add_task(data, ctx.generator, self.payload(ctx, data))
+
+    def payload(self, ctx: TrainContext, data: TrainData) -> torch.Tensor | None:
+        """What is stored with each sample besides itself (DER: the network's logits)."""
+        return None
 
     def state_bytes(self) -> int:
         return self.buffer.nbytes()
@@ -118,8 +134,10 @@ class Replay(_Rehearsal):
         return batch
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:
-        if self.mix == "dataset" or self.buffer.selection != "reservoir":
+        if self.mix == "dataset":
             self.buffer.add_task(ctx.task_data(ctx.task_index), ctx.generator)
+        else:
+            super().after_task(ctx, task)
 
 
 @register_strategy("der", family="replay", reference="Buzzega et al. 2020 (DER)")
@@ -164,6 +182,17 @@ class DER(_Rehearsal):
             full = ctx.model(batch.x)
         self.buffer.add_stream(batch_samples(ctx, batch), ctx.generator, full)
         return term
+
+    @torch.no_grad()
+    def payload(self, ctx: TrainContext, data: TrainData) -> torch.Tensor:
+        """The logits of a whole task (in eval mode: the function as it was learned)."""
+        model, size = ctx.model, ctx.scenario.protocol.eval_batch_size
+        was_training = model.training
+        model.eval()
+        logits = torch.cat([model(ctx.make_batch(data, slice(i, i + size)).x)
+                            for i in range(0, len(data), size)])
+        model.train(was_training)
+        return logits
 
 
 @register_strategy("der++", family="replay", reference="Buzzega et al. 2020 (DER++)")

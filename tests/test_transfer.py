@@ -104,3 +104,14 @@ def test_naive_forgets_the_source_and_mitigations_keep_it_on_the_same_seeds(root
     assert max(rem["naive"]) < 65, rem
     for strategy in ("lwf", "l2-sp"):
         assert all(m > n + 25 for m, n in zip(rem[strategy], rem["naive"], strict=True)), rem
+
+
+def test_rehearsal_remembers_a_source_learned_without_steps(root):
+    """A reservoir is fed by training minibatches; the source has none, so it offers its whole
+    training set when it is consolidated. Measured (class setting, FAST, seed 0): naive keeps
+    0% of MNIST, replay 85.9%, der 98.6%."""
+    naive = run_one(root, "mnist-to-fashion", "class", "naive", **FAST)
+    assert naive.metrics["rem_source"] < 1
+    for strategy in ("replay", "der"):
+        record = run_one(root, "mnist-to-fashion", "class", strategy, **FAST)
+        assert record.metrics["rem_source"] > 60, (strategy, record.R)
