@@ -53,13 +53,12 @@ from torch import nn
 from torch.func import stack_module_state, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from cfbench import metrics
 from cfbench.cost import Stopwatch, peak_gpu_bytes, peak_rss_bytes, reset_peak_memory
 from cfbench.errors import CfbenchError
 from cfbench.experiment import (
     execute,
     initial_model,
-    parameter_drift,
+    run_metrics,
     run_scenario,
     source_state,
     task_summaries,
@@ -448,10 +447,7 @@ class _SeedJob:
         self.unstack()
         for k, record in enumerate(records):
             record.R = rows[k]
-            record.metrics = {**metrics.all_metrics(rows[k]),
-                              "drift": parameter_drift(self.models[k], start[k])}
-            if first:
-                record.metrics["rem_source"] = metrics.transfer_remembering(rows[k])
+            record.metrics = run_metrics(rows[k], self.models[k], start[k], transfer=bool(first))
             record.strategy_log = self.ctxs[k].log
             record.cost = {
                 "train_seconds": train_clock.seconds / self.k,

@@ -189,9 +189,7 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
             on_task(t + 1, len(scenario.tasks))
 
     record.R = R
-    record.metrics = {**metrics.all_metrics(R), "drift": parameter_drift(ctx.model, start)}
-    if first:
-        record.metrics["rem_source"] = metrics.transfer_remembering(R)
+    record.metrics = run_metrics(R, ctx.model, start, transfer=bool(first))
     record.strategy_log = ctx.log
     record.cost = {
         "train_seconds": train_clock.seconds,
@@ -202,6 +200,17 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
         "peak_gpu_bytes": peak_gpu_bytes(device),
         "state_bytes": strategy.state_bytes(),
     }
+
+
+def run_metrics(R: list[list[float]], model: torch.nn.Module, start: Mapping[int, torch.Tensor],
+                transfer: bool) -> dict[str, float]:
+    """A finished run's metrics: those of R, parameter drift, and in a transfer scenario the
+    share of the source kept (``rem_source``) and the downstream tasks' ACC (``acc_target``)."""
+    out = {**metrics.all_metrics(R), "drift": parameter_drift(model, start)}
+    if transfer:
+        out["rem_source"] = metrics.transfer_remembering(R)
+        out["acc_target"] = metrics.target_accuracy(R)
+    return out
 
 
 def run_scenario(config: RunConfig, data_root: Path) -> tuple[Scenario, Setting]:

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 FORMATS = ("text", "md", "csv", "json", "latex", "html")
 EXTENSIONS = {"text": "txt", "md": "md", "csv": "csv", "json": "json", "latex": "tex",
               "html": "html"}
-SHOWN = ["acc", "bwt", "fwt", "fm", "rem", "rem_source", "la", "train_seconds", "peak_rss_mb",
-         "peak_gpu_mb", "train_gflops", "state_mb"]
+SHOWN = ["acc", "bwt", "fwt", "fm", "rem", "rem_source", "acc_target", "la", "train_seconds",
+         "peak_rss_mb", "peak_gpu_mb", "train_gflops", "state_mb"]
 
 
 def _shown(summary: pd.DataFrame) -> list[str]:

@@ -31,6 +31,7 @@ GROUP = ["scenario", "setting", "strategy", "hparams"]
 COLUMNS: dict[str, tuple[str, str, int]] = {
     "acc": ("ACC", "%", 1), "bwt": ("BWT", "%", 1), "fwt": ("FWT", "%", 1),
     "fm": ("FM", "%", 1), "rem": ("REM", "%", 1), "rem_source": ("REM src", "%", 1),
+    "acc_target": ("ACC tgt", "%", 1),
     "la": ("LA", "%", 1),
     "train_seconds": ("train s", "s", 1), "peak_rss_mb": ("peak RSS MB", "MB", 0),
     "peak_gpu_mb": ("peak GPU MB", "MB", 0), "train_gflops": ("GFLOPs", "GFLOP", 1),
@@ -44,7 +45,8 @@ def caption(convention: str) -> str:
     rows = "1..T" if convention == "mammoth" else "1..T-1"
     return (f"Mean ± 95% CI (Student t) over seeds. ACC, BWT, FWT, FM, LA in %; REM = % of each "
             f"old task's accuracy kept; REM src (transfer scenarios) = % of the pretrained "
-            f"source's accuracy kept. Convention '{convention}': BWT and FWT divide by "
+            f"source's accuracy kept, ACC tgt = final ACC on the downstream tasks. "
+            f"Convention '{convention}': BWT and FWT divide by "
             f"{divisor}, FM takes the max over rows {rows}. 'best' = highest mean ACC in its "
             f"scenario and setting; 'tied' = not distinguishable from it by a two-sided Welch "
             f"t-test on per-seed ACC (p >= {ALPHA}; needs >= 2 seeds on both sides).")
@@ -68,8 +70,9 @@ def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> 
             "hparams": json.dumps(r.config["hparams"], sort_keys=True),
             "seed": r.config["seed"],
             **{k: (m[k] if k == "rem" else 100.0 * m[k]) for k in metrics.METRICS},
-            "rem_source": (metrics.transfer_remembering(r.R) if "rem_source" in r.metrics
-                           else math.nan),
+            **({"rem_source": metrics.transfer_remembering(r.R),
+                "acc_target": 100.0 * metrics.target_accuracy(r.R)}
+               if "rem_source" in r.metrics else {"rem_source": math.nan, "acc_target": math.nan}),
             "train_seconds": c.get("train_seconds"),
             "peak_rss_mb": _scaled(c.get("peak_rss_bytes"), 2**20),
             "peak_gpu_mb": _scaled(c.get("peak_gpu_bytes"), 2**20),

@@ -90,6 +90,13 @@ def transfer_remembering(R) -> float:
     return 100.0 * float(m[-1, 0] / m[1, 0]) if m[1, 0] > 0 else math.nan
 
 
+def target_accuracy(R) -> float:
+    """ACC over the downstream tasks of a transfer scenario (every task but the source, task 1):
+    what fine-tuning was for."""
+    m = _matrix(R)
+    return float(m[-1, 1:].mean()) if m.shape[1] > 1 else math.nan
+
+
 def all_metrics(R, convention: str = "cfbench") -> dict[str, float]:
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown metric convention {convention!r}; use one of {CONVENTIONS}")

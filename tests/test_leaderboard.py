@@ -581,3 +581,23 @@ def test_tuned_runs_say_how_they_were_chosen_and_validation_scores_stay_apart():
     assert ("hyperparameters: ewc.lam=100 chosen by cfbench tune sweep.yaml among 3 "
             "candidate(s): mean final validation ACC (91.2%); validation = 10% of each class's "
             "training data (split seed 0), first 3 task(s); tuning seeds [0]") in lines
+
+
+def test_transfer_columns_appear_for_transfer_runs_only():
+    transfer = seeds("naive", [0.5, 0.6], scenario="to-fashion")
+    for record in transfer:
+        record.metrics = {"rem_source": 0.0}  # marks a transfer run; values come from R
+    plain = seeds("naive", [0.5, 0.6])
+    summary = summarize(transfer + plain)
+    R = np.asarray(transfer[0].R)
+    on = row(summary[summary["scenario"] == "to-fashion"], "naive")
+    assert on["rem_source"] == pytest.approx(np.mean(
+        [100 * r.R[-1][0] / r.R[1][0] for r in transfer]))
+    assert on["acc_target"] == pytest.approx(np.mean([100 * r.R[-1][1] for r in transfer]))
+    assert R.shape == (3, 2)
+    off = row(summary[summary["scenario"] == "split"], "naive")
+    assert math.isnan(off["rem_source"]) and math.isnan(off["acc_target"])
+    text = render(summary, "md", Provenance.of(transfer + plain, LEADERBOARD_ARGV))
+    assert "| REM src | ACC tgt |" in text
+    assert "REM src" not in render(summarize(plain), "md",
+                                   Provenance.of(plain, LEADERBOARD_ARGV)).split("Mean ±")[0]

@@ -68,6 +68,7 @@ def test_the_source_is_learned_identically_for_every_strategy_and_seen_as_a_lear
     assert R[0, 0] < 0.3 and R[1, 0] > 0.9  # untrained, then the pretrained source
     assert naive.R[:2] == lwf.R[:2]  # the same pretrained model, whatever the strategy
     assert naive.metrics["rem_source"] == pytest.approx(100 * R[2, 0] / R[1, 0])
+    assert naive.metrics["acc_target"] == pytest.approx(R[2, 1])
     assert "steps" not in naive.tasks[0] and naive.tasks[1]["steps"] == 469
     assert naive.cost["steps"] == 469  # pretraining is not the strategy's cost
     joint = run_one(root, "mnist-to-fashion", "task", "joint", **FAST)
