@@ -133,3 +133,14 @@ def test_rotated_mnist_draws_one_angle_per_task_in_gems_bins(mnist_root):
                                   strict=True):
         assert torch.equal(task.x_test[task.y_test == label][:50], rotate(ones, angle))
     assert not torch.equal(rotate(ones, angle), ones)
+
+
+def test_rotated_mnist_runs_end_to_end_in_the_domain_setting(mnist_root):
+    from cfbench.experiment import execute, plan_runs
+
+    (config,) = plan_runs(scenario="rotated-mnist", settings=["domain"], strategies=["naive"],
+                          hparams={}, seeds=[0], scenario_options={"tasks": 3},
+                          protocol_overrides={"iterations": 30}, data_root=mnist_root)
+    record = execute(config, mnist_root)
+    R = np.asarray(record.R)
+    assert record.status == "ok" and R.shape == (4, 3) and np.diag(R[1:]).min() > 0.5
