@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from cfbench import batched, experiment
+from cfbench import experiment
 from cfbench.batched import can_batch, execute_batched, execute_many, seed_groups
 from cfbench.errors import CfbenchError
 from cfbench.experiment import execute, plan_runs
@@ -47,8 +47,7 @@ def final_params(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor
         seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
         return drift(model, start)
 
-    monkeypatch.setattr(experiment, "parameter_drift", spy)
-    monkeypatch.setattr(batched, "parameter_drift", spy)
+    monkeypatch.setattr(experiment, "parameter_drift", spy)  # both paths: run_metrics
     return seen
 
 
