@@ -181,6 +181,8 @@ def can_batch(config: RunConfig) -> str | None:
     if config.protocol.model.partition(":")[0] != "mlp":
         return (f"model '{config.protocol.model}' is not batched (only mlp: backbones, which "
                 "have no buffers)")
+    if config.protocol.precision != "fp32" or config.protocol.compile:
+        return "bf16 and compiled runs are not batched"
     for name in strategy_names(config.strategy):
         if name not in _PARTS:
             return f"strategy '{name}' has no batched form (batched: {', '.join(_PARTS)})"

@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adam"])
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--model", help="backbone spec, e.g. mlp:100,100")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="bf16: forward passes under bfloat16 autocast (default fp32)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="compile the model with torch.compile (pays off on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--batch-seeds", action="store_true",
                    help="train the seeds of each configuration as one vectorised job where the "
@@ -260,7 +264,8 @@ def _cmd_list(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 
 def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = ("epochs", "iterations", "batch_size", "optimizer", "lr", "model")
+    fields = ("epochs", "iterations", "batch_size", "optimizer", "lr", "model", "precision",
+              "compile")
     return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
 
 

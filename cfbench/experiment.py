@@ -89,6 +89,10 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
     except TypeError as exc:
         raise CfbenchError(f"bad protocol override: {exc}") from None
     build_model(protocol.model, built.input_shape, 1)  # a bad --model fails before any run
+    if (protocol.precision == "bf16" and device.startswith("cuda")
+            and not torch.cuda.is_bf16_supported()):
+        raise CfbenchError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; "
+                           "use --precision fp32")
     unused = set(hparams) - {n for s in strategies for n in strategy_names(s)}
     if unused:
         raise CfbenchError(f"hyperparameters given for {', '.join(sorted(unused))}, which is not "
@@ -155,6 +159,8 @@ def _fill(record: RunRecord, config: RunConfig, data_root: Path,
     record.tasks = task_summaries(scenario)
 
     model = initial_model(config, scenario, setting, device)
+    if config.protocol.compile:
+        model.compile()
     strategy = build_strategy(config.strategy, config.hparams, config.setting)
     ctx = TrainContext.create(model, scenario, setting, config.seed, device)
     warm_up()

@@ -51,7 +51,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["protocol"] = dataclasses.asdict(self.protocol)
+        d["protocol"] = self.protocol.to_dict()
         if self.validation is None:
             del d["validation"]  # absent, not null: ids of runs on the test split are unchanged
         return d

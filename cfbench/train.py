@@ -9,6 +9,7 @@ non-finite loss stops the run at once on the CPU (reading a CPU scalar is free) 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator
@@ -43,6 +44,13 @@ def make_optimizer(protocol: Protocol, params: list) -> torch.optim.Optimizer:
     if protocol.optimizer == "sgd":
         return torch.optim.SGD(params, lr=protocol.lr)
     return torch.optim.Adam(params, lr=protocol.lr)
+
+
+def autocast(protocol: Protocol, device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision forward passes run in: bfloat16 autocast for ``precision="bf16"``."""
+    if protocol.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @functools.cache
@@ -118,15 +126,16 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     optimizer = ctx.optimizer
 
     def forward_backward(idx: torch.Tensor) -> torch.Tensor:
-        batch = ctx.make_batch(data, idx, augment=True)
-        if has_batch:
-            batch = strategy.batch(ctx, batch)
-        logits = ctx.logits(batch)
-        loss = strategy.loss(ctx, batch, logits) if has_loss else ctx.loss(logits, batch)
-        if has_penalty:
-            extra = strategy.penalty(ctx, batch, logits)
-            if extra is not None:
-                loss = loss + extra
+        with autocast(protocol, ctx.device):
+            batch = ctx.make_batch(data, idx, augment=True)
+            if has_batch:
+                batch = strategy.batch(ctx, batch)
+            logits = ctx.logits(batch)
+            loss = strategy.loss(ctx, batch, logits) if has_loss else ctx.loss(logits, batch)
+            if has_penalty:
+                extra = strategy.penalty(ctx, batch, logits)
+                if extra is not None:
+                    loss = loss + extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach()
@@ -186,7 +195,8 @@ def evaluate(ctx: TrainContext, strategy: Strategy | None = None) -> list[float]
         hits = torch.zeros((), dtype=torch.long, device=ctx.device)
         for start in range(0, len(data), size):
             batch = ctx.make_batch(data, slice(start, start + size))
-            scores = predict(ctx, batch) if predict else ctx.logits(batch)
+            with autocast(scenario.protocol, ctx.device):
+                scores = predict(ctx, batch) if predict else ctx.logits(batch)
             hits += (scores.argmax(1) == batch.y).sum()
         correct.append(hits)
     counts = torch.stack(correct).tolist()  # the one host sync of an evaluation
