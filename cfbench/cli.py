@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="bf16: forward passes under bfloat16 autocast (default fp32)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="compile the model with torch.compile (pays off on a GPU)")
+    p.add_argument("--fused-optimizer", action="store_true", default=None,
+                   help="the optimizer's fused kernel (faster; rounds differently)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--batch-seeds", action="store_true",
                    help="train the seeds of each configuration as one vectorised job where the "
@@ -265,7 +267,7 @@ def _cmd_list(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
     fields = ("epochs", "iterations", "batch_size", "optimizer", "lr", "model", "precision",
-              "compile")
+              "compile", "fused_optimizer")
     return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
 
 

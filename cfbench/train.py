@@ -41,9 +41,10 @@ def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Gene
 
 
 def make_optimizer(protocol: Protocol, params: list) -> torch.optim.Optimizer:
+    fused = protocol.fused_optimizer or None  # None: torch's default (foreach) kernel
     if protocol.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=protocol.lr)
-    return torch.optim.Adam(params, lr=protocol.lr)
+        return torch.optim.SGD(params, lr=protocol.lr, fused=fused)
+    return torch.optim.Adam(params, lr=protocol.lr, fused=fused)
 
 
 def autocast(protocol: Protocol, device: torch.device) -> contextlib.AbstractContextManager:

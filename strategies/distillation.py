@@ -50,7 +50,8 @@ class Tap:
     """The outputs (or inputs) of chosen submodules in a model's latest forward pass.
 
     The training step's own forward fills it, so reading costs nothing; `read` runs the model
-    again only when that forward was on another input (a composed strategy ran one since).
+    again when that forward was on another input (a composed strategy ran one since), or ran
+    without gradient where the reader needs one (a composed strategy's no-grad pass).
     `points` maps a name to (module, True to take its input / False to take its output).
     """
 
@@ -58,11 +59,13 @@ class Tap:
         self.model = model
         self.values: dict[str, torch.Tensor] = {}
         self._source: torch.Tensor | None = None
+        self._with_grad = False
         self._names = tuple(points)
 
         def start(module: nn.Module, args: tuple) -> None:
             self.values.clear()
             self._source = args[0] if args else None
+            self._with_grad = torch.is_grad_enabled()
 
         def keep(name: str, take_input: bool):
             if take_input:
@@ -77,7 +80,7 @@ class Tap:
 
     def read(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tapped tensors of the model applied to `x` (reusing the last forward if on x)."""
-        if self._source is not x:
+        if self._source is not x or (torch.is_grad_enabled() and not self._with_grad):
             self.model(x)
         missing = [n for n in self._names if n not in self.values]
         if missing:

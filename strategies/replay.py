@@ -17,6 +17,7 @@ from scipy.optimize import nnls
 from cfbench.memory import Memory, Selection, batch_samples
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task, apply_mask
+from cfbench.strategies.distillation import Tap
 from cfbench.strategy import Batch, Strategy, TrainContext, TrainData
 
 
@@ -150,8 +151,9 @@ class DER(_Rehearsal):
     sample x output unit as in the authors' code: in the class setting that includes units of
     classes not seen when a sample was stored, whose values DER keeps for it (storing only
     the masked logits leaves old samples free to drift toward new classes). The loop passes
-    masked logits, so the stream minibatch's full output is recomputed without gradient (one
-    extra forward pass per step). Defaults: Buzzega et al.'s Seq-MNIST setting with a
+    masked logits, so the full output is read from the loop's own forward pass through a tap
+    on the model (no second forward, and a batch-norm model's running statistics are updated
+    once per step, not twice). Defaults: Buzzega et al.'s Seq-MNIST setting with a
     500-sample buffer (alpha=1.0, memory minibatch = batch size). Larger alpha keeps the old
     function more tightly; a larger memory forgets less and keeps more state.
     """
@@ -163,9 +165,11 @@ class DER(_Rehearsal):
         _check_batch_size("replay_batch_size", replay_batch_size)
         super().__init__(Memory(selection="reservoir", memory=memory))
         self.alpha, self.beta, self.replay_batch_size = alpha, 0.0, replay_batch_size
+        self._tap: Tap | None = None
 
     def penalty(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor
                 ) -> torch.Tensor | None:
+        full = self._stream_output(ctx, batch)
         term = None
         if len(self.buffer):
             size = self.replay_batch_size or ctx.scenario.protocol.batch_size
@@ -178,10 +182,33 @@ class DER(_Rehearsal):
             if self.beta:
                 masked = apply_mask(out[n:], ctx.setting.mask(past.task[n:], ctx.task_index))
                 term = term + self.beta * F.cross_entropy(masked, past.y[n:])
-        with torch.no_grad():
-            full = ctx.model(batch.x)
         self.buffer.add_stream(batch_samples(ctx, batch), ctx.generator, full)
         return term
+
+    def before_task(self, ctx: TrainContext, task: Task) -> None:
+        super().before_task(ctx, task)
+        self._tap_output(ctx.model)
+
+    def _tap_output(self, model: torch.nn.Module) -> None:
+        self._untap()
+        self._tap = Tap(model, {"output": (model, False)})
+
+    def _stream_output(self, ctx: TrainContext, batch: Batch) -> torch.Tensor:
+        """The model's full output on the step's batch, as the loop's forward computed it (run
+        again only where the tap missed it: a model replaced after this part's before_task)."""
+        if self._tap is None or self._tap.model is not ctx.model:
+            self._tap_output(ctx.model)
+        with torch.no_grad():
+            return self._tap.read(batch.x)["output"].detach()
+
+    def _untap(self) -> None:
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
+
+    def after_task(self, ctx: TrainContext, task: Task) -> None:
+        self._untap()  # evaluation and later copies of the model see it untapped
+        super().after_task(ctx, task)
 
     @torch.no_grad()
     def payload(self, ctx: TrainContext, data: TrainData) -> torch.Tensor:

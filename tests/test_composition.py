@@ -27,6 +27,16 @@ def test_ewc_plus_replay_equals_neither_alone(digits_root):
     assert both.cost["train_flops"] > runs["ewc"].cost["train_flops"]
 
 
+def test_distillation_acts_in_either_order_beside_der(digits_root):
+    # DER reads the stream batch's full output from the step's own forward pass; LwF's tap must
+    # still see a forward with gradient whatever ran before it. (When DER ran a no-grad
+    # forward of its own, `der+lwf` gave exactly `der`'s R: LwF's gradient was lost.)
+    runs = {spec: run_one(digits_root, "split-digits", "class", spec, iterations=60)
+            for spec in ("der", "der+lwf", "lwf+der")}
+    assert runs["der+lwf"].R != runs["der"].R
+    np.testing.assert_allclose(runs["der+lwf"].R, runs["lwf+der"].R, atol=0.02)
+
+
 @pytest.mark.parametrize("spec", ["ewc+ewc", "replay+ewc+replay", "+ewc"])
 def test_a_strategy_twice_or_an_empty_part_is_rejected(spec):
     with pytest.raises(CfbenchError, match="join distinct registered names"):

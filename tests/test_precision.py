@@ -1,6 +1,7 @@
-"""Protocol flags for accelerators, checked on the CPU: bfloat16 autocast (forward passes in
-bf16, weights and optimizer state in fp32) and torch.compile (the eager result, the model
-unchanged for strategies that copy it), and that adding them left earlier run ids valid."""
+"""Protocol speed flags, checked on the CPU: bfloat16 autocast (forward passes in bf16,
+weights and optimizer state in fp32), torch.compile (the eager result, the model unchanged for
+strategies that copy it) and the fused optimizer kernel; and that adding them left earlier run
+ids valid."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from cfbench import experiment
+from cfbench import experiment, train
 from cfbench.batched import can_batch
 from cfbench.cli import main
 from cfbench.errors import CfbenchError
@@ -68,20 +69,38 @@ def test_a_compiled_model_gives_the_eager_result_and_can_be_copied(digits_root):
     assert compiled.cost["train_flops"] == eager.cost["train_flops"]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_the_fused_optimizer_is_used_and_gives_the_same_skill(digits_root, monkeypatch,
+                                                               optimizer):
+    built = []
+    make = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *a: built.append(make(*a)) or built[-1])
+    lr = {"adam": 1e-3, "sgd": 1e-2}[optimizer]
+    plain = run_one(digits_root, "split-digits", "task", "ewc", iterations=60,
+                    optimizer=optimizer, lr=lr)
+    assert {o.defaults["fused"] for o in built} == {None}
+    built.clear()
+    fused = run_one(digits_root, "split-digits", "task", "ewc", iterations=60,
+                    optimizer=optimizer, lr=lr, fused_optimizer=True)
+    assert len(built) == 5 and {o.defaults["fused"] for o in built} == {True}
+    np.testing.assert_allclose(fused.R, plain.R, atol=0.02)
+    assert fused.metrics["drift"] == pytest.approx(plain.metrics["drift"], rel=1e-3)
+
+
 def test_the_new_fields_leave_ids_of_default_runs_unchanged(digits_root):
     (config,) = plan_runs(scenario="split-digits", settings=["class"], strategies=["naive"],
                           hparams={}, seeds=[0], data_root=digits_root)
     recorded = config.to_dict()["protocol"]
-    assert "precision" not in recorded and "compile" not in recorded
+    assert not {"precision", "compile", "fused_optimizer"} & set(recorded)
     assert RunConfig.from_dict(config.to_dict()) == config
     ids = {config.run_id}
-    for change in ({"precision": "bf16"}, {"compile": True}):
+    for change in ({"precision": "bf16"}, {"compile": True}, {"fused_optimizer": True}):
         other = dataclasses.replace(config, protocol=dataclasses.replace(config.protocol,
                                                                          **change))
         assert other.to_dict()["protocol"].items() >= change.items()
         assert RunConfig.from_dict(other.to_dict()) == other
         ids.add(other.run_id)
-    assert len(ids) == 3
+    assert len(ids) == 4
 
 
 def test_bad_precision_is_refused_and_flagged_runs_are_not_seed_batched(digits_root):
@@ -90,9 +109,13 @@ def test_bad_precision_is_refused_and_flagged_runs_are_not_seed_batched(digits_r
     (config,) = plan_runs(scenario="split-digits", settings=["class"], strategies=["naive"],
                           hparams={}, seeds=[0], data_root=digits_root,
                           protocol_overrides={"precision": "bf16"})
-    assert can_batch(config) == "bf16 and compiled runs are not batched"
-    assert can_batch(dataclasses.replace(
-        config, protocol=dataclasses.replace(config.protocol, precision="fp32"))) is None
+    assert can_batch(config).startswith("bf16, compiled and fused-optimizer runs are not")
+    fp32 = dataclasses.replace(config, protocol=dataclasses.replace(config.protocol,
+                                                                     precision="fp32"))
+    assert can_batch(fp32) is None
+    for change in ({"compile": True}, {"fused_optimizer": True}):
+        assert can_batch(dataclasses.replace(
+            fp32, protocol=dataclasses.replace(fp32.protocol, **change))) is not None
 
 
 def test_the_command_line_records_the_flags(digits_root, tmp_path, capsys):
