@@ -242,3 +242,16 @@ def test_batch_seeds_gives_the_records_of_seed_by_seed_runs(digits_root, tmp_pat
         assert batched[run_id].R == record.R
     assert sorted(str(r.cost.get("batched_seeds")) for r in batched.values()) == \
         ["2", "2", "None", "None"]
+
+
+def test_import_and_help_do_not_import_torch():
+    # Start-up stays fast: torch-heavy modules are imported by the commands that need them
+    # (benchmarks/test_import_time.py measures it).
+    code = ("import sys, contextlib, io\nfrom cfbench.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['--help'])\n    except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
