@@ -42,17 +42,19 @@ def cell(row: Mapping, column: str) -> str:
 
 
 def labels(summary: pd.DataFrame) -> list[str]:
-    """Strategy names, with the hyperparameters added where one strategy appears with several."""
-    counts = summary.groupby(["scenario", "setting", "strategy"])["hparams"].transform("nunique")
-    out = []
-    for (_, row), n in zip(summary.iterrows(), counts, strict=True):
-        if n > 1:
-            hp = json.loads(row["hparams"])
-            flat = ", ".join(f"{k}={v}" for part in hp.values() for k, v in part.items())
-            out.append(f"{row['strategy']} ({flat})")
-        else:
-            out.append(row["strategy"])
-    return out
+    """Strategy names, with what tells one strategy's rows in a table apart: all its
+    hyperparameters where they differ, and the protocol fields that differ."""
+    out: dict = {}
+    for _, rows in summary.groupby(["scenario", "setting", "strategy"]):
+        protocols = [json.loads(p) for p in rows["protocol"]]
+        differ = sorted(k for k in set().union(*protocols)
+                        if len({json.dumps(p.get(k)) for p in protocols}) > 1)
+        for (i, row), protocol in zip(rows.iterrows(), protocols, strict=True):
+            parts = [f"{k}={v}" for part in json.loads(row["hparams"]).values()
+                     for k, v in part.items()] if rows["hparams"].nunique() > 1 else []
+            parts += [f"{k}={protocol.get(k)}" for k in differ]
+            out[i] = row["strategy"] + (f" ({', '.join(parts)})" if parts else "")
+    return [out[i] for i in summary.index]
 
 
 def blocks(summary: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:

@@ -1,8 +1,9 @@
 """Leaderboards: run records aggregated over seeds, ranked without over-claiming.
 
 Metrics are recomputed from each record's R under the requested convention (records keep R, so
-a table in GEM's or Mammoth's convention needs no rerun). Per (scenario, setting, strategy,
-hyperparameters): mean, standard deviation and a 95% Student-t confidence interval over seeds.
+a table in GEM's or Mammoth's convention needs no rerun). Per configuration (scenario, setting,
+strategy, hyperparameters, and the protocol, scenario options and device it ran under): mean,
+standard deviation and a 95% Student-t confidence interval over seeds.
 Within a (scenario, setting), the strategy with the best mean ACC is marked "best", and every
 other one whose per-seed ACC a Welch t-test cannot tell from the best's (p >= 0.05) "tied":
 a 0.1-point lead over 3 seeds is not a win.
@@ -10,6 +11,7 @@ a 0.1-point lead over 3 seeds is not a win.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -22,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from cfbench import metrics
 from cfbench.records import RunRecord
+from cfbench.scenario import Protocol
 
 if TYPE_CHECKING:
     import pandas as pd
 
-GROUP = ["scenario", "setting", "strategy", "hparams"]
+GROUP = ["scenario", "setting", "strategy", "hparams", "protocol"]
+"""What a run is one seed of. Runs that differ in any of these are different experiments."""
 # column -> (label, unit, decimals); accuracy-type metrics in %, costs in natural units.
 COLUMNS: dict[str, tuple[str, str, int]] = {
     "acc": ("ACC", "%", 1), "bwt": ("BWT", "%", 1), "fwt": ("FWT", "%", 1),
@@ -52,6 +56,20 @@ def caption(convention: str) -> str:
             f"t-test on per-seed ACC (p >= {ALPHA}; needs >= 2 seeds on both sides).")
 
 
+def configuration(record: RunRecord) -> dict[str, str]:
+    """The GROUP columns of a run. "protocol" is the full protocol (fields a record predates at
+    their defaults), the scenario options and the device, as sorted JSON, so a bf16 run, a
+    2-epoch run or a GPU run never counts as another seed of the default one."""
+    config = record.config
+    # Runs scored on a validation split (cfbench tune) never share a row with test scores.
+    scenario = config["scenario"] + (" [validation]" if config.get("validation") else "")
+    protocol = {**dataclasses.asdict(Protocol()), **config["protocol"], "device": config["device"],
+                **{f"option.{k}": v for k, v in config.get("scenario_options", {}).items()}}
+    return {"scenario": scenario, "setting": config["setting"], "strategy": config["strategy"],
+            "hparams": json.dumps(config["hparams"], sort_keys=True),
+            "protocol": json.dumps(protocol, sort_keys=True)}
+
+
 def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.DataFrame:
     """One row per successful run: config keys, metrics (%, from R) and costs."""
     import pandas as pd
@@ -62,13 +80,8 @@ def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> 
             continue
         m = metrics.all_metrics(r.R, convention)
         c = r.cost
-        # Runs scored on a validation split (cfbench tune) never share a row with test scores.
-        scenario = r.config["scenario"] + (" [validation]" if r.config.get("validation") else "")
         rows.append({
-            "scenario": scenario, "setting": r.config["setting"],
-            "strategy": r.config["strategy"],
-            "hparams": json.dumps(r.config["hparams"], sort_keys=True),
-            "seed": r.config["seed"],
+            **configuration(r), "seed": r.config["seed"],
             **{k: (m[k] if k == "rem" else 100.0 * m[k]) for k in metrics.METRICS},
             **({"rem_source": metrics.transfer_remembering(r.R),
                 "acc_target": 100.0 * metrics.target_accuracy(r.R)}

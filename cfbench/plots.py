@@ -10,7 +10,6 @@ A strategy keeps its colour in every figure (colours follow the sorted list of a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cfbench.formats import blocks
+from cfbench.leaderboard import GROUP, configuration
 from cfbench.records import RunRecord
 
 if TYPE_CHECKING:
@@ -36,12 +36,11 @@ def colours(labels: Sequence[str]) -> dict[str, tuple]:
 
 
 def mean_R(records: Sequence[RunRecord]) -> dict[tuple, np.ndarray]:
-    """Mean R over seeds per (scenario, setting, strategy, hparams)."""
+    """Mean R over seeds per configuration (the leaderboard's GROUP columns, in order)."""
     grouped: dict[tuple, list] = {}
     for r in records:
         if r.status == "ok":
-            key = (r.config["scenario"], r.config["setting"], r.config["strategy"],
-                   json.dumps(r.config["hparams"], sort_keys=True))
+            key = tuple(configuration(r).values())
             grouped.setdefault(key, []).append(np.asarray(r.R))
     return {k: 100 * np.mean(v, axis=0) for k, v in grouped.items()}
 
@@ -65,7 +64,7 @@ def _heatmaps(block: pd.DataFrame, Rs: dict[tuple, np.ndarray], title: str):
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.6, 2.4 * rows + 0.4),
                              squeeze=False, layout="constrained")
     for k, (ax, (_, row)) in enumerate(zip(axes.flat, block.iterrows(), strict=False)):
-        R = Rs[tuple(row[k] for k in ("scenario", "setting", "strategy", "hparams"))]
+        R = Rs[tuple(row[k] for k in GROUP)]
         image = ax.imshow(R, vmin=0, vmax=100, cmap="viridis", aspect="auto")
         T = R.shape[1]
         if T <= 10:
@@ -93,7 +92,7 @@ def _curves(block: pd.DataFrame, Rs: dict[tuple, np.ndarray], title: str):
                              sharey=True)
     task_colours = plt.get_cmap("viridis")
     for ax, (_, row) in zip(axes.flat, block.iterrows(), strict=False):
-        R = Rs[tuple(row[k] for k in ("scenario", "setting", "strategy", "hparams"))]
+        R = Rs[tuple(row[k] for k in GROUP)]
         T = R.shape[1]
         for i in range(T):
             ax.plot(range(T + 1), R[:, i], marker=".", lw=1,

@@ -57,7 +57,7 @@ def test_show_and_leaderboard_read_the_records_back(tmp_path, capsys):
     assert run_id in shown and "t=5" in shown and "split-digits / task / naive" in shown
     assert main(["leaderboard", "--records", str(out), "--format", "csv"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    assert table[0].startswith("scenario,setting,strategy,hparams,acc")
+    assert table[0].startswith("scenario,setting,strategy,hparams,protocol,acc")
     assert table[1].startswith("split-digits,task,naive,")
     # A leaderboard written next to the records is not mistaken for a run the next time.
     assert main(["leaderboard", "--records", str(out), "--format", "json", "--out",

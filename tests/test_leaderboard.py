@@ -24,7 +24,7 @@ import cfbench.cli
 import cfbench.formats
 import cfbench.metrics
 from cfbench.cli import main
-from cfbench.formats import render
+from cfbench.formats import labels, render
 from cfbench.leaderboard import (
     Provenance,
     caption,
@@ -55,13 +55,16 @@ def R_with_acc(acc: float) -> list[list[float]]:
 
 def make_record(scenario: str, setting: str, strategy: str, seed: int,
                 R: Sequence[Sequence[float]], *, hparams: dict[str, Any] | None = None,
-                status: str = "ok", **cost: Any) -> RunRecord:
-    """A finished run with known R, costs and environment."""
+                protocol: dict[str, Any] | None = None, status: str = "ok",
+                **cost: Any) -> RunRecord:
+    """A finished run with known R, costs and environment (`protocol`: the recorded fields)."""
     config = {"scenario": scenario, "setting": setting, "strategy": strategy,
-              "hparams": {strategy: dict(hparams or {})}, "seed": seed}
+              "hparams": {strategy: dict(hparams or {})}, "seed": seed,
+              "protocol": dict(protocol or {}), "scenario_options": {}, "device": "cpu"}
     costs = {"train_seconds": 10.0 + seed, "eval_seconds": 1.0, "peak_rss_bytes": 300 * MB,
              "peak_gpu_bytes": None, "train_flops": 2.5e9, "state_bytes": MB // 2, **cost}
-    run_id = f"{scenario}-{setting}-{strategy}-{json.dumps(hparams, sort_keys=True)}-{seed}"
+    run_id = (f"{scenario}-{setting}-{strategy}-{json.dumps(hparams, sort_keys=True)}-"
+              f"{json.dumps(protocol, sort_keys=True)}-{seed}")
     return RunRecord(run_id=run_id, config=config, status=status, R=[list(r) for r in R],
                      cost=costs, env=dict(ENV), command=RUN_COMMAND)
 
@@ -601,3 +604,22 @@ def test_transfer_columns_appear_for_transfer_runs_only():
     assert "| REM src | ACC tgt |" in text
     assert "REM src" not in render(summarize(plain), "md",
                                    Provenance.of(plain, LEADERBOARD_ARGV)).split("Mean ±")[0]
+
+
+def test_runs_under_another_protocol_are_another_row_not_more_seeds():
+    # A record made before a protocol field existed counts as its default (precision fp32).
+    default = [*seeds("naive", [0.50, 0.52]),
+               make_record("split", "task", "naive", 2, R_with_acc(0.54),
+                           protocol={"precision": "fp32"})]
+    bf16 = seeds("naive", [0.70, 0.72], protocol={"precision": "bf16"})
+    longer = seeds("naive", [0.90], protocol={"epochs": 4.0})
+    summary = summarize(default + bf16 + longer)
+    rows = dict(zip(labels(summary), zip(summary["seeds"], summary["acc"], strict=True),
+                    strict=True))
+    assert rows.keys() == {"naive (epochs=1.0, precision=fp32)",
+                           "naive (epochs=1.0, precision=bf16)",
+                           "naive (epochs=4.0, precision=fp32)"}
+    assert rows["naive (epochs=1.0, precision=fp32)"] == (3, pytest.approx(52.0))
+    assert rows["naive (epochs=1.0, precision=bf16)"] == (2, pytest.approx(71.0))
+    # A strategy run under one protocol only keeps its bare name.
+    assert labels(summarize(default)) == ["naive"]
