@@ -44,7 +44,7 @@ def cell(row: Mapping, column: str) -> str:
 def labels(summary: pd.DataFrame) -> list[str]:
     """Strategy names, with what tells one strategy's rows in a table apart: all its
     hyperparameters where they differ, and the protocol fields that differ."""
-    out: dict = {}
+    out: dict[object, str] = {}
     for _, rows in summary.groupby(["scenario", "setting", "strategy"]):
         protocols = [json.loads(p) for p in rows["protocol"]]
         differ = sorted(k for k in set().union(*protocols)

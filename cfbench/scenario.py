@@ -191,7 +191,7 @@ class Scenario:
         With a generator, the scenario's augmentation (if any) is applied first, to the pixels.
         The arithmetic runs in place on one fresh float copy: the same rounding as
         out-of-place operations, but an evaluation batch of thousands of images no longer
-        allocates (and page-faults) three temporaries, which was a quarter of evaluation time.
+        allocates (and page-faults) three temporaries (7-11% of an evaluation's time here).
         """
         pixels = x.to(torch.float32, copy=True).mul_(1.0 / 255.0)
         if augment is not None and self.augmentation is not None:
