@@ -3,6 +3,7 @@
 #   make test          the test suite (what CI runs through .ci/run; installs the ray extra,
 #                      which the sweep tests use, and the peers extra (Avalanche), which the
 #                      adapter's tests use)
+#   make check-records reruns committed records and compares them bitwise (scripts/check_records.py)
 #   make reference     the reference leaderboard in results/reference (3 seeds; ~18 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser leaderboard reference transfer peers test bench lint
+.PHONY: install browser leaderboard reference transfer peers test bench lint check-records
 STRATEGIES ?= naive,joint,ewc
 REF := results/reference
 
@@ -64,6 +65,14 @@ peers: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# Rerun one committed record per results folder, scenario and strategy; compare run id and R
+# bitwise (about 30 CPU-minutes; WORKERS=2 halves the wall time on 2 cores).
+WORKERS ?= 1
+check-records: $(STAMP)
+	$(BIN)/cfbench data fetch mnist
+	$(BIN)/cfbench data fetch fashion-mnist
+	$(BIN)/python scripts/check_records.py --workers $(WORKERS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -s --benchmark-only --benchmark-columns=min,median,max,rounds

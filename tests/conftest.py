@@ -1,4 +1,5 @@
-"""Shared fixtures: real MNIST (fetched once, verified) and a one-call way to run an experiment."""
+"""Shared fixtures: real MNIST and Fashion-MNIST (fetched once, verified) and a one-call way
+to run an experiment."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ def mnist_root() -> Path:
     root = data_root()
     fetch("mnist", root, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def transfer_root(mnist_root: Path) -> Path:
+    """The data root with verified MNIST and Fashion-MNIST (mnist-to-fashion, split-fashion-mnist);
+    fetched on first use, so a fresh data root (CI's) has everything these tests read."""
+    fetch("fashion-mnist", mnist_root, progress=False)
+    return mnist_root
 
 
 @pytest.fixture(scope="session")

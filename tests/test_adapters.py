@@ -231,9 +231,9 @@ def test_bad_hyperparameters_are_named(spec, hparams, word):
 
 
 @pytest.mark.mnist
-def test_lora_keeps_mnist_while_learning_fashion_where_naive_forgets(mnist_root):
+def test_lora_keeps_mnist_while_learning_fashion_where_naive_forgets(transfer_root):
     for seed in (0, 1, 2):
-        runs = {name: run_one(mnist_root, "mnist-to-fashion", "task", name, seed=seed, epochs=1,
+        runs = {name: run_one(transfer_root, "mnist-to-fashion", "task", name, seed=seed, epochs=1,
                               lr=1e-2) for name in ("naive", "lora")}
         # Measured rem_source, seeds 0/1/2: naive 49.1/37.9/32.7, lora 100/100/100; lora's
         # Fashion accuracy 0.805/0.807/0.821 (naive 0.840/0.845/0.834).

@@ -120,12 +120,12 @@ def test_the_comparison_sees_a_wrong_penalty_or_a_wrong_seed(digits_root, final_
     assert gap > 1e-2 and seeds_gap > 1e-2
 
 
-def test_transfer_seeds_batch_with_the_source_learned_per_seed(mnist_root, final_params):
-    configs = plan(mnist_root, "ewc", "class", seeds=[0, 1], scenario="mnist-to-fashion",
+def test_transfer_seeds_batch_with_the_source_learned_per_seed(transfer_root, final_params):
+    configs = plan(transfer_root, "ewc", "class", seeds=[0, 1], scenario="mnist-to-fashion",
                    options={"source_epochs": 0.05}, iterations=30, lr=1e-2)
-    single = [execute(c, mnist_root) for c in configs]
+    single = [execute(c, transfer_root) for c in configs]
     single_params = final_params[:]
-    batch = execute_batched(configs, mnist_root)
+    batch = execute_batched(configs, transfer_root)
     assert_same_runs(single, batch, single_params, final_params[2:])
     assert all("rem_source" in r.metrics for r in batch)
     assert batch[0].R[1] != batch[1].R[1]  # each seed pretrained its own source

@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cfbench.data import data_root, fetch, load_idx_dataset
+from cfbench.data import load_idx_dataset
 from tests.helpers import run_one
 
 
 @pytest.fixture(scope="module")
-def fashion_root():
-    root = data_root()
-    fetch("fashion-mnist", root, progress=False)
-    return root
+def fashion_root(transfer_root):
+    return transfer_root
 
 
 def test_fashion_mnist_is_the_verified_real_dataset(fashion_root):

@@ -16,7 +16,6 @@ from torch import nn
 
 import cfbench.strategies.finetuning  # noqa: F401  (registers the strategies)
 from cfbench import registry
-from cfbench.data import fetch
 from cfbench.errors import CfbenchError
 from cfbench.models import Backbone, mlp
 from cfbench.scenario import Setting
@@ -336,9 +335,8 @@ FAST = {"epochs": 1, "lr": 1e-2}
 
 
 @pytest.fixture(scope="module")
-def transfer_runs(mnist_root):
-    fetch("fashion-mnist", mnist_root, progress=False)
-    return {(name, seed): run_one(mnist_root, "mnist-to-fashion", "task", name, seed=seed,
+def transfer_runs(transfer_root):
+    return {(name, seed): run_one(transfer_root, "mnist-to-fashion", "task", name, seed=seed,
                                   **FAST)
             for seed in SEEDS for name in ("naive", "freeze", "layerwise-lr", "early-stop")}
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cfbench import registry
-from cfbench.data import fetch
 from cfbench.experiment import execute, plan_runs
 from cfbench.strategy import Strategy
 from tests.helpers import run_one
@@ -19,9 +18,8 @@ FAST = {"epochs": 1, "lr": 1e-2}
 
 
 @pytest.fixture(scope="module")
-def root(mnist_root):
-    fetch("fashion-mnist", mnist_root, progress=False)
-    return mnist_root
+def root(transfer_root):
+    return transfer_root
 
 
 def test_mnist_to_fashion_is_a_source_and_its_target(root):
