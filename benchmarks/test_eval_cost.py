@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from cfbench.experiment import execute, initial_model, plan_runs, run_scenario
+from cfbench.experiment import execute, initial_model, plan_runs, training_scenario
 from cfbench.strategy import TrainContext
 from cfbench.train import evaluate
 
@@ -28,7 +28,7 @@ def test_evaluation_costs_no_more_than_its_forward_passes(benchmark, mnist_root)
     (config,) = plan_runs(scenario="split-mnist", settings=["class"], strategies=["naive"],
                           hparams={}, seeds=[0], data_root=mnist_root,
                           protocol_overrides={"epochs": 1})
-    scenario, setting = run_scenario(config, mnist_root)
+    scenario, setting = training_scenario(config, mnist_root)
     model = initial_model(config, scenario, setting, torch.device("cpu"))
     ctx = TrainContext.create(model, scenario, setting, 0, "cpu")
     ctx.task_index = len(scenario.tasks) - 1

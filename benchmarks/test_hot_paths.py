@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import cfbench.strategies.regularization as regularization
-from cfbench.experiment import initial_model, plan_runs, run_scenario
+from cfbench.experiment import initial_model, plan_runs, training_scenario
 from cfbench.memory import Memory
 from cfbench.records import RunConfig
 from cfbench.strategies.replay import AGEM, GEM, gem_project
@@ -49,7 +49,7 @@ def config(mnist_root: Path) -> RunConfig:
 
 def fresh_context(config: RunConfig, root: Path) -> TrainContext:
     """An untrained model on Split MNIST (class setting), as the engine builds it for seed 0."""
-    scenario, setting = run_scenario(config, root)
+    scenario, setting = training_scenario(config, root)
     model = initial_model(config, scenario, setting, torch.device("cpu"))
     return TrainContext.create(model, scenario, setting, seed=0)
 
@@ -231,17 +231,18 @@ def test_class_balanced_selection_at_task_end(benchmark, config, mnist_root):
 
 
 def test_agem_projection(benchmark, trained):
-    """``AGEM.after_backward`` on task 5's minibatch gradient and a reference gradient of its
-    class-balanced memory of task 4, the task just learned, which task 5's gradient opposes:
-    the update loses exactly its component along the reference direction."""
+    """``AGEM.after_backward`` (the reference gradient and the projection) on task 5's
+    minibatch gradient and a reference gradient of its class-balanced memory of task 4, the
+    task just learned, which task 5's gradient opposes: the update loses exactly its component
+    along the reference direction."""
     ctx = trained
     agem = AGEM()
     ctx.task_index = 3
     agem.after_task(ctx, ctx.scenario.tasks[3])
     ctx.task_index = 4
     batch = ctx.make_batch(ctx.task_data(4), torch.arange(BATCH))
-    agem.penalty(ctx, batch, ctx.logits(batch))
-    ref = agem._ref
+    state = ctx.generator.get_state()
+    ref = agem.reference(ctx)
     g = task_gradient(ctx, 4)
     dot = float(flat(g) @ flat(ref))
     assert dot < 0  # the constraint is violated: the projection does its work
@@ -249,8 +250,8 @@ def test_agem_projection(benchmark, trained):
     def restore() -> tuple[tuple, dict]:
         for p, grad in zip(params(ctx), g, strict=True):
             p.grad.copy_(grad)
-        agem._ref = ref
-        return (ctx,), {}
+        ctx.generator.set_state(state)  # the same reference samples every round
+        return (ctx, batch), {}
 
     benchmark.pedantic(agem.after_backward, setup=restore, rounds=50, iterations=1)
     projected, r = flat([p.grad for p in params(ctx)]), flat(ref)
@@ -270,9 +271,7 @@ def test_gem_projection_four_past_tasks(benchmark, trained):
         ctx.task_index = t
         gem.after_task(ctx, ctx.scenario.tasks[t])
     ctx.task_index = 4
-    batch = ctx.make_batch(ctx.task_data(4), torch.arange(BATCH))
-    gem.penalty(ctx, batch, ctx.logits(batch))
-    G, g = gem._past, flat(task_gradient(ctx, 4))
+    G, g = gem.past_gradients(ctx), flat(task_gradient(ctx, 4))
     assert G.shape == (4, sum(p.numel() for p in params(ctx)))
     assert bool((G @ g < 0).any())  # violated
     projected = benchmark(gem_project, G, g, gem.margin)

@@ -99,7 +99,7 @@ def install(timer: PhaseTimer, strategy_type: type[Strategy]) -> Callable[[], No
     targets = [(TrainContext, name, phase) for name, phase in CONTEXT_PHASES.items()]
     targets += [(cls, hook, phase) for hook, phase in HOOK_PHASES.items()
                 for cls in strategy_type.__mro__ if hook in vars(cls)]
-    targets += [(torch.Tensor, "backward", "backward"), (experiment, "evaluate", "eval")]
+    targets += [(torch.Tensor, "backward", "backward"), (experiment, "evaluate_members", "eval")]
     originals = [(owner, name, vars(owner)[name]) for owner, name, _ in targets]
     for owner, name, phase in targets:
         setattr(owner, name, timer.timed(phase, vars(owner)[name]))

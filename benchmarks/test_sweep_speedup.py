@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from cfbench.executors import ProcessExecutor, RunSetup, SerialExecutor
-from cfbench.store import Store
-from cfbench.sweep import load_sweep, plan, run_sweep
+from cfbench.runs import RunOptions, Sink, run_plan
+from cfbench.sweep import plan
+from cfbench.sweepfile import load_sweep
 
 SWEEP = """\
 name: speedup
@@ -33,12 +34,11 @@ protocol: {iterations: 400}
 
 def timed_sweep(runs, executor, db: Path) -> tuple[float, dict[str, list]]:
     start = time.perf_counter()
-    with Store(db) as store:
-        outcome = run_sweep(runs, store=store, executor=executor, resume=False,
-                            command="benchmark")
+    with Sink(store=db) as sink:
+        outcome = run_plan(runs, sink, "speedup", RunOptions(executor, command="benchmark"))
         seconds = time.perf_counter() - start
         assert len(outcome.ok) == len(runs)
-        return seconds, {r.run_id: r.R for r in store.records()}
+        return seconds, {r.run_id: r.R for r in outcome.ok}
 
 
 def test_process_pool_vs_serial_on_two_cores(benchmark, tmp_path):

@@ -6,25 +6,27 @@ Heavy modules (torch, pandas) are imported inside the commands so that `cfbench 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cfbench import __version__
 from cfbench.errors import CfbenchError
+from cfbench.registry import load_plugin
 
 # Kept here, not imported from the modules that use them, so that --help stays free of torch.
+TEXT_CORPORA = ("fortunes", "bible-kjv", "python-docs", "python-code", "gcide")  # data/text.py
 FORMATS = ("text", "md", "csv", "json", "latex", "html")
 EXECUTORS = ("serial", "process", "ray")
 CONVENTIONS = ("cfbench", "gem", "mammoth")
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130  # Ctrl-C and SIGTERM alike (`cfbench.runs`)
 
 
 def _csv(text: str) -> list[str]:
@@ -97,18 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-optimizer", action="store_true", default=None,
                    help="the optimizer's fused kernel (faster; rounds differently)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--batch-seeds", action="store_true",
-                   help="train the seeds of each configuration as one vectorised job where the "
-                        "strategy allows it (same records; faster on a GPU)")
-    p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     p.add_argument("--out", default=None, help="directory for run records (default results/runs)")
     p.add_argument("--store", default=None, metavar="FILE",
-                   help="also write each record to this SQLite results store")
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="Python file that registers strategies or scenarios (repeatable)")
+                   help="also write each record to this SQLite results store (then --resume "
+                        "reads the store)")
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                   help="per run (loading data not counted); past it the run is a failed record")
     p.add_argument("--format", choices=list(FORMATS), default="text",
                    help="format of the leaderboard printed at the end")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _execution_arguments(p, "serial", resume=True)
 
     p = sub.add_parser("show", help="print one run record: R, metrics and costs")
     p.add_argument("run_id", help="run id or a unique prefix of it")
@@ -144,11 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--row", action="append", default=[], metavar="PATTERN",
                    help="only rows whose label matches this shell wildcard (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     p.add_argument("--out", default=None,
                    help="directory for run records and reproduction.md (default results/NAME); "
-                        "runs already there are not rerun")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                        "runs already there with status ok are not rerun")
+    _execution_arguments(p, "serial", resume=False)
 
     p = sub.add_parser("sweep", help="run a YAML sweep file (grids, seeds) into a results "
                                      "store, in parallel, resumable")
@@ -160,61 +158,46 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="fetch and verify datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download (or copy from offline sources) and verify")
-    f.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10", "cifar100", "medmnist"])
+    f.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10", "cifar100", "medmnist",
+                                    *TEXT_CORPORA, "textgenrnn"])
     f.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     f.add_argument("--size", type=int, choices=[28, 64, 128, 224], default=28,
                    help="MedMNIST image size (the imagenet-to-medmnist option medmnist_size)")
     return parser
 
 
-def _sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="YAML sweep file (see the README's Sweeps section)")
-    p.add_argument("--executor", choices=list(EXECUTORS), default="process",
-                   help="serial (this process), process (a local pool, the default) or ray")
+def _execution_arguments(p: argparse.ArgumentParser, executor: str, *, resume: bool) -> None:
+    """Where and how runs execute: the same options for run, sweep, tune and reproduce (which
+    always resumes, and runs built-in strategies only)."""
+    if resume:
+        p.add_argument("--resume", action="store_true",
+                       help="skip runs already recorded with status ok; rerun failed and "
+                            "interrupted ones (without it, any run already recorded is an error)")
+        p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                       help="Python file that registers strategies or scenarios (repeatable; "
+                            "imported in every worker too)")
+    p.add_argument("--executor", choices=list(EXECUTORS), default=executor,
+                   help=f"serial (this process), process (a local pool) or ray; default "
+                        f"{executor}")
     p.add_argument("--workers", type=_positive_int,
                    help="runs at once (process: default one per core; ray: default as many as "
                         "the cluster's CPUs hold)")
     p.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); "
                                      "default: start a local Ray instance")
-    p.add_argument("--resume", action="store_true",
-                   help="skip runs stored with status ok; rerun failed and interrupted ones")
+    p.add_argument("--batch-seeds", action="store_true",
+                   help="train the seeds of each configuration as one stacked job where the "
+                        "strategy allows it (same records; faster on a GPU)")
+    p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
+    p.add_argument("--quiet", action="store_true", help="no line per finished run")
+
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="YAML sweep file (see the README's Sweeps section)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
     p.add_argument("--store", metavar="FILE",
                    help="SQLite results store (default results/sweeps/NAME.sqlite)")
     p.add_argument("--out", metavar="DIR", help="also write each record as JSON to DIR")
-    p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="Python file that registers strategies or scenarios (repeatable; "
-                        "imported in every worker too)")
-    p.add_argument("--quiet", action="store_true", help="no line per finished run")
-
-
-def load_plugin(path: str) -> None:
-    """Import a user's Python file so its @register_* decorators run."""
-    file = Path(path)
-    if not file.is_file():
-        raise CfbenchError(f"plugin file {path} does not exist")
-    from cfbench import registry
-
-    registry.strategies.load()
-    registry.scenarios.load()
-    name = f"cfbench_plugin_{file.stem.replace('-', '_')}"
-    loaded = sys.modules.get(name)
-    if loaded is not None and Path(loaded.__file__ or "").resolve() == file.resolve():
-        return  # the same file named twice registers once
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise CfbenchError(f"plugin file {path} is not an importable Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except CfbenchError:
-        raise
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise CfbenchError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}"
-                           ) from None
+    _execution_arguments(p, "process", resume=True)
 
 
 def parse_hparams(items: Sequence[str], strategies: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -272,16 +255,13 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from tqdm.auto import tqdm
-
     from cfbench import registry
-    from cfbench.batched import execute_many, seed_groups
     from cfbench.data import data_root
-    from cfbench.experiment import load_scenario, plan_runs
+    from cfbench.experiment import plan_runs
     from cfbench.formats import render
     from cfbench.leaderboard import Provenance, summarize
-    from cfbench.records import DEFAULT_OUT, RunRecord, write_record
-    from cfbench.store import Store
+    from cfbench.records import DEFAULT_OUT
+    from cfbench.runs import PlannedRun, Sink, run_plan
 
     for path in args.plugin:
         load_plugin(path)
@@ -290,60 +270,52 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.tasks is not None and not any(hp.name == "tasks" for hp in entry.hparams):
         raise CfbenchError(f"--tasks does not apply to scenario '{args.scenario}'; it has a "
                            "fixed task sequence")
-    options = {}
+    scenario_options = {}
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CfbenchError(f"bad --option '{item}': write KEY=VALUE")
-        options[key] = value
+        scenario_options[key] = value
     if args.tasks is not None:
-        options["tasks"] = args.tasks
+        scenario_options["tasks"] = args.tasks
     root = data_root(args.data_root)
+    options = _options(args, argv, root, timeout=args.timeout, report=_stderr, replace=True)
     configs = plan_runs(
         scenario=args.scenario, settings=settings, strategies=args.strategy,
         hparams=parse_hparams(args.hp, args.strategy), seeds=range(args.seeds),
-        scenario_seed=args.scenario_seed,
-        scenario_options=options,
+        scenario_seed=args.scenario_seed, scenario_options=scenario_options,
         protocol_overrides=_protocol_overrides(args), device=args.device, data_root=root,
     )
-    out = Path(args.out) if args.out else DEFAULT_OUT
-    store = Store(args.store) if args.store else None
-    first = configs[0]
-    n_tasks = len(load_scenario(first.scenario, first.scenario_options, first.scenario_seed,
-                                root, first.device).tasks)
-    command = shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)])
-    records, failed = [], []
-    with tqdm(total=len(configs) * n_tasks, unit="task", disable=args.quiet,
-              desc=f"{len(configs)} runs") as bar:
-
-        def keep(record: RunRecord) -> None:
-            record.command = command
-            bar.n = bar.total * (len(records) + 1) // len(configs)  # a failed run ends early
-            bar.refresh()
-            path = write_record(record, out)
-            if store is not None:
-                store.put(record)
-            records.append(record)
-            if record.status != "ok":
-                c = record.config
-                failed.append(f"{record.run_id} ({c['setting']}/{c['strategy']}/seed "
-                              f"{c['seed']}): {record.error}")
-                bar.write(f"run failed: {failed[-1]}; record in {path}", file=sys.stderr)
-
-        if args.batch_seeds:
-            for group in seed_groups(configs):
-                if group.reason is not None and len(group.configs) > 1:
-                    bar.write(f"{group.configs[0].strategy}: seeds run one at a time "
-                              f"({group.reason})", file=sys.stderr)
-        execute_many(configs, root, batch=args.batch_seeds, on_record=keep,
-                     on_task=lambda done, total: bar.update(1))
+    with Sink(args.out or DEFAULT_OUT, args.store) as sink:
+        outcome = run_plan([PlannedRun(c) for c in configs], sink, "cfbench run", options)
+    records = outcome.records()
     if any(r.status == "ok" for r in records):
         print(render(summarize(records), args.format, Provenance.of(records, argv)), end="")
-        print(f"{len(records)} run records in {out}/", file=sys.stderr)
-    if failed:
-        print(f"{len(failed)} run(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)
-        return EXIT_RUN_FAILED
-    return 0
+    return EXIT_RUN_FAILED if outcome.failed else 0
+
+
+def _options(args: argparse.Namespace, argv: Sequence[str] | None, root: Path, *,
+             timeout: float | None = None, cpus: float = 1.0, gpus: float | None = None,
+             report: Callable[[str], None], replace: bool = False) -> Any:
+    """The `RunOptions` the execution flags ask for, checked before planning loads any data
+    (reproduce has no --resume or --plugin: it always resumes). Ray gives a run on CUDA a GPU
+    unless `gpus` says otherwise."""
+    from cfbench.executors import RunSetup, make_executor
+    from cfbench.experiment import resolve_device
+    from cfbench.runs import RunOptions, silent
+
+    gpus = float(resolve_device(args.device).startswith("cuda")) if gpus is None else gpus
+    plugins = tuple(str(Path(p).resolve()) for p in getattr(args, "plugin", []))
+    executor = make_executor(args.executor, RunSetup(root.resolve(), plugins, timeout),
+                             workers=args.workers, address=args.address, cpus=cpus, gpus=gpus)
+    return RunOptions(executor, resume=getattr(args, "resume", True), replace=replace,
+                      batch_seeds=args.batch_seeds, report=report,
+                      command=shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)]),
+                      progress=silent if args.quiet else _stderr)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -430,157 +402,64 @@ def _existing(path: str) -> str:
 
 
 def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    import fnmatch
-
-    from tqdm.auto import tqdm
-
     from cfbench import reproduce
     from cfbench.data import data_root
+    from cfbench.runs import PlannedRun, Sink, run_plan
 
     repro = reproduce.get(args.name)
-    rows = [r for r in repro.rows
-            if not args.row or any(fnmatch.fnmatch(r.label, p) for p in args.row)]
-    if not rows:
-        raise CfbenchError(f"no row of {repro.name} matches {', '.join(args.row)}; rows: "
-                           f"{', '.join(r.label for r in repro.rows)}")
-    settings = args.setting or list(repro.settings)
-    unknown = set(settings) - set(repro.settings)
-    if unknown:
-        raise CfbenchError(f"{repro.name} has no setting {', '.join(sorted(unknown))}; choose "
-                           f"from {', '.join(repro.settings)}")
-    seeds = args.seeds or repro.seeds
     out = Path(args.out) if args.out else Path("results") / repro.name
-    with tqdm(total=len(rows) * len(settings) * seeds, unit="run", disable=args.quiet) as bar:
-        outcomes = reproduce.run(
-            repro, seeds=seeds, data_root=data_root(args.data_root), out=out / "runs",
-            rows=rows, settings=settings, device=args.device,
-            protocol_overrides={"epochs": args.epochs} if args.epochs else None,
-            on_record=lambda record: bar.update(1))
-    command = shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)])
-    text = reproduce.table(repro, outcomes) + f"\nProduced by `{command}`.\n"
+    root = data_root(args.data_root)
+    options = _options(args, argv, root, report=_stderr)
+    plan = reproduce.plan(repro, data_root=root, seeds=args.seeds, rows=args.row,
+                          settings=args.setting, epochs=args.epochs, device=args.device)
+    with Sink(out / "runs") as sink:
+        outcome = run_plan([PlannedRun(c, {"row": row.label}) for row, _, configs in plan
+                            for c in configs], sink, repro.name, options)
+    text = (reproduce.table(repro, reproduce.results(repro, plan, outcome.records()))
+            + f"\nProduced by `{options.command}`.\n")
     (out / "reproduction.md").write_text(text)
     print(text, end="")
     print(f"wrote {out / 'reproduction.md'}", file=sys.stderr)
-    return 0
+    return EXIT_RUN_FAILED if outcome.failed else 0
 
 
-def _sweep_setup(args: argparse.Namespace) -> tuple[Any, Path, Any]:
-    """Plugins loaded, the sweep file checked and the executor chosen (all before planning, which
-    loads data): (the sweep, the data root, the executor)."""
+def _sweep_setup(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[Any, Path, Any]:
+    """Plugins loaded, the sweep file checked, the executor chosen: before planning loads data."""
     from cfbench.data import data_root
-    from cfbench.executors import RunSetup, make_executor
-    from cfbench.experiment import resolve_device
-    from cfbench.sweep import load_sweep
+    from cfbench.sweepfile import load_sweep
 
     for path in args.plugin:
         load_plugin(path)
     sweep = load_sweep(args.file)
     root = data_root(args.data_root)
-    setup = RunSetup(root.resolve(), tuple(str(Path(p).resolve()) for p in args.plugin),
-                     sweep.timeout)
-    try:
-        cuda = resolve_device(sweep.device).startswith("cuda")
-    except CfbenchError as exc:
-        raise CfbenchError(f"{sweep.path}:{sweep.lines.get('device', 0)}: device: {exc}") from None
-    gpus = sweep.gpus if sweep.gpus is not None else float(cuda)
-    if gpus and not cuda:
-        raise CfbenchError(f"{sweep.path}:{sweep.lines.get('resources', 0)}: resources.gpus is "
-                           f"{gpus:g} but the runs use device '{sweep.device}'; set device: cuda")
-    executor = make_executor(args.executor, setup, workers=args.workers, address=args.address,
-                             cpus=sweep.cpus, gpus=gpus)
-    return sweep, root, executor
+    return sweep, root, _options(args, argv, root, timeout=sweep.timeout, cpus=sweep.cpus,
+                                 gpus=sweep.gpus, report=print)
 
 
 def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from cfbench.store import Store
-    from cfbench.sweep import Outcome, dry_run_table, plan, run_sweep, stored_statuses
+    from cfbench.runs import Sink, run_plan
+    from cfbench.sweep import dry_run_table, plan
 
-    sweep, root, executor = _sweep_setup(args)
+    sweep, root, options = _sweep_setup(args, argv)
     runs = plan(sweep, root)
-    store_path = Path(args.store) if args.store else sweep.default_store()
-    if args.dry_run:
-        print(dry_run_table(runs, stored_statuses(store_path)), end="")
-        print(f"{len(runs)} runs; store {store_path}", file=sys.stderr)
-        return 0
-    command = shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)])
-    outcome = Outcome()
-    with Store(store_path) as store, _summary_on_interrupt(outcome, sweep.name, store_path):
-        run_sweep(runs, store=store, executor=executor, resume=args.resume, command=command,
-                  out=Path(args.out) if args.out else None, outcome=outcome,
-                  progress=None if args.quiet else _progress)
-    print(outcome.summary(sweep.name, store_path))
-    print(f"tables: cfbench leaderboard --store {store_path}")
+    store = Path(args.store) if args.store else sweep.default_store()
+    with Sink(args.out, store) as sink:
+        if args.dry_run:
+            print(dry_run_table(runs, sink.stored()), end="")
+            print(f"{len(runs)} runs; {sink.where}", file=sys.stderr)
+            return 0
+        outcome = run_plan(runs, sink, sweep.name, options)
+    print(f"tables: cfbench leaderboard --store {store}")
     return EXIT_RUN_FAILED if outcome.failed else 0
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _summary_on_interrupt(outcome: Any, name: str, store: Path) -> Iterator[None]:
-    """On Ctrl-C, say what was kept before main() reports the interruption (exit 130)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print(outcome.summary(name, store))
-        raise
-
-
 def _cmd_tune(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from cfbench.store import Store
-    from cfbench.sweep import Outcome, check_stored, dry_run_table, run_sweep, stored_statuses
-    from cfbench.tune import (
-        choice_lines,
-        final_runs,
-        group_key,
-        plan_tune,
-        select,
-        selection_entry,
-        validation_store,
-    )
+    from cfbench.tune import tune
 
-    sweep, root, executor = _sweep_setup(args)
-    tune = plan_tune(sweep, root)
-    store_path = Path(args.store) if args.store else sweep.default_store("-tuned")
-    val_path = validation_store(store_path)
-    if args.dry_run:
-        print(dry_run_table(tune.tuning, stored_statuses(val_path)), end="")
-        groups = len({group_key(r.config) for r in tune.tuning})
-        print(f"{len(tune.tuning)} validation runs (store {val_path}); then the chosen values of "
-              f"each of {groups} scenario/setting/strategy group(s) on seeds "
-              f"{list(sweep.seeds)}: {groups * len(sweep.seeds)} runs (store {store_path})",
-              file=sys.stderr)
-        return 0
-    for runs, path in ((tune.tuning, val_path), (tune.report, store_path)):
-        check_stored(runs, stored_statuses(path), path, args.resume)  # both, before any run
-    command = shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)])
-    out = Path(args.out) if args.out else None
-    progress = None if args.quiet else _progress
-    tuning, name = Outcome(), f"{sweep.name} (validation)"
-    with Store(val_path) as store:
-        with _summary_on_interrupt(tuning, name, val_path):
-            run_sweep(tune.tuning, store=store, executor=executor, resume=args.resume,
-                      command=command, out=out, outcome=tuning, progress=progress)
-        print(tuning.summary(name, val_path))
-        ids = {r.config.run_id for r in tune.tuning}
-        choices = select(tune, {r.run_id: r for r in store.records() if r.run_id in ids})
-    print("chosen on validation:\n  " + "\n  ".join(choice_lines(list(choices.values()))))
-    finals = final_runs(tune, choices)
-    selections = {r.config.run_id: selection_entry(tune, choices[group_key(r.config)])
-                  for r in finals}
-
-    def annotate(record: Any) -> None:
-        record.selection = selections[record.run_id]
-
-    reported, name = Outcome(), f"{sweep.name} (test split, chosen values)"
-    with Store(store_path) as store, _summary_on_interrupt(reported, name, store_path):
-        run_sweep(finals, store=store, executor=executor, resume=args.resume, command=command,
-                  out=out, outcome=reported, progress=progress, annotate=annotate)
-    print(reported.summary(name, store_path))
-    print(f"tables: cfbench leaderboard --store {store_path}")
-    unchosen = any(c.candidate is None for c in choices.values())
-    return EXIT_RUN_FAILED if tuning.failed or reported.failed or unchosen else 0
+    sweep, root, options = _sweep_setup(args, argv)
+    store = Path(args.store) if args.store else sweep.default_store("-tuned")
+    return 0 if tune(sweep, root, store, options, out=args.out, dry_run=args.dry_run) else \
+        EXIT_RUN_FAILED
 
 
 def _cmd_data(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -589,7 +468,15 @@ def _cmd_data(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.data.medmnist import fetch_medmnist
 
     root = data_root(args.data_root)
-    if args.name == "medmnist":
+    if args.name in TEXT_CORPORA:
+        from cfbench.data.text import fetch_corpus
+
+        path = fetch_corpus(args.name, root)
+    elif args.name == "textgenrnn":
+        from cfbench.data.textgenrnn import fetch_textgenrnn
+
+        path = fetch_textgenrnn(root)
+    elif args.name == "medmnist":
         path = fetch_medmnist(root, size=args.size)
     elif args.name in LAYOUTS:
         path = fetch_cifar(args.name, root)
@@ -606,6 +493,8 @@ COMMANDS = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM, what a cluster scheduler sends before it kills a job, is handled as Ctrl-C is.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return COMMANDS[args.command](args, argv)
     except CfbenchError as exc:
@@ -613,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("cfbench: interrupted; finished runs are kept", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Output piped into a reader that stopped early (`| head`): not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,12 +1,12 @@
-"""Where the runs of a sweep execute: serially, in a local process pool, or as Ray tasks.
+"""Where runs execute: serially, in a local process pool, or as Ray tasks.
 
-One interface: ``executor.run(configs, on_record)`` calls ``on_record`` in the driver process
-with each run's record as soon as the run finishes, so the driver alone writes the store. A run
-never takes the sweep down: an exception or a non-finite loss is a failed record (from
-`execute`), a run past its timeout is stopped and recorded as failed, and a worker that dies
-(killed, out of memory, a segfault) is a failed record naming the crash; a fresh worker takes
-its place. On Ctrl-C the runs in flight are recorded as interrupted, workers are stopped, and
-KeyboardInterrupt propagates.
+The unit of work is a job (`make_jobs`): the seeds of one configuration when seed batching is on
+and possible, else one configuration; `run_job`, the one caller of the engine, executes it.
+``executor.run(jobs, on_records)`` hands each job's records to the driver as it ends, so the
+driver alone writes the sink. A run never takes the others down: an exception or a non-finite
+loss is a failed record, a job past its timeout is stopped and a dead worker (killed, out of
+memory) replaced, each run they held recorded as failed with the reason; on KeyboardInterrupt
+the runs in flight are recorded as interrupted, workers are stopped, and it propagates.
 
 Workers are forked from a ``forkserver`` process that has imported torch and cfbench but run
 nothing, so no fork ever happens after torch started threads, and a worker (or its replacement
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -34,24 +35,41 @@ from typing import Any
 
 from cfbench.errors import CfbenchError
 from cfbench.records import RunConfig, RunRecord
+from cfbench.registry import load_plugin
 
 KILL_GRACE_S = 30.0
-"""A run past its timeout normally stops itself (an alarm inside the run); a worker still busy
+"""A job past its timeout normally stops itself (an alarm inside the job); a worker still busy
 this much later is killed by the driver."""
 
-OnRecord = Callable[[RunRecord], None]
+OnRecords = Callable[[list[RunRecord]], None]
+Job = tuple[RunConfig, ...]
+"""Configurations run together: the seeds of one configuration (batched), or a single one."""
 
 
 @dataclass(frozen=True)
 class RunSetup:
-    """What every worker needs to execute a configuration."""
+    """What every worker needs to execute a job."""
 
     data_root: Path
     plugins: tuple[str, ...] = ()
     """Python files registering strategies or scenarios, imported in every worker."""
     timeout: float | None = None
     """Seconds a run may take (training and evaluation; loading the data is not counted);
-    past it the run is recorded as failed."""
+    past it the run is recorded as failed. A batched job of K seeds may take K times this."""
+
+    def limit(self, job: Job) -> float | None:
+        """The timeout of `job`: the per-run timeout times the runs it holds."""
+        return None if self.timeout is None else self.timeout * len(job)
+
+    def kill_at(self, job: Job, started: float) -> float:
+        """When (`time.monotonic`) the driver stops a job started at `started`."""
+        limit = self.limit(job)
+        return math.inf if limit is None else started + limit + KILL_GRACE_S
+
+
+def _wait_until(moment: float) -> float | None:
+    """Seconds from now until `moment`, as a timeout for a wait (None: forever)."""
+    return None if moment == math.inf else max(0.0, moment - time.monotonic())
 
 
 class RunTimeout(Exception):
@@ -93,9 +111,6 @@ def _deadline(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-_loaded_plugins: set[str] = set()
-
-
 def _warm_up() -> None:
     """Pay a fresh worker's one-time costs (imports, registries, the FLOP counter, the git sha)
     before its first run, so they count against no run's timeout or clock."""
@@ -109,51 +124,67 @@ def _warm_up() -> None:
     environment("cpu")
 
 
-def run_one(config: RunConfig, setup: RunSetup) -> RunRecord:
-    """Execute one configuration in this process; every outcome is a record."""
-    from cfbench.cli import load_plugin
-    from cfbench.experiment import execute, load_scenario, unfinished_record
+def make_jobs(configs: Sequence[RunConfig], batch_seeds: bool, note: Callable[[str], None]
+              ) -> list[Job]:
+    """`configs` as jobs: with `batch_seeds`, each seed group that can be batched is one job
+    (`note` is told why a group of several seeds cannot be); otherwise one job per run."""
+    if not batch_seeds:
+        return [(config,) for config in configs]
+    from cfbench.batched import seed_groups
+
+    groups = seed_groups(configs)
+    for group in groups:
+        if group.reason is not None and len(group.configs) > 1:
+            note(f"{group.configs[0].strategy}: seeds run one at a time ({group.reason})")
+    return [job for g in groups
+            for job in ([tuple(g.configs)] if g.reason is None else [(c,) for c in g.configs])]
+
+
+def run_job(job: Job, setup: RunSetup) -> list[RunRecord]:
+    """Execute one job in this process: a record per configuration, whatever happens."""
+    from cfbench.batched import execute_batched
+    from cfbench.experiment import execute, load_scenario
 
     try:
         for path in setup.plugins:
-            if path not in _loaded_plugins:
-                load_plugin(path)
-                _loaded_plugins.add(path)
+            load_plugin(path)
         # Loading the data is a worker's one-time cost (it is cached), not the run's: it is
-        # done before the clock starts. A failure here recurs inside execute, which records it.
+        # done before the clock starts. A failure here recurs inside the run, which records it.
+        first = job[0]
         with contextlib.suppress(Exception):
-            load_scenario(config.scenario, config.scenario_options, config.scenario_seed,
-                          setup.data_root, config.device)
-        with _deadline(setup.timeout):
-            return execute(config, setup.data_root)
-    except RunTimeout as exc:  # fired outside execute's own handler
-        return unfinished_record(config, "failed", f"RunTimeout: {exc}")
+            load_scenario(first.scenario, first.scenario_options, first.scenario_seed,
+                          setup.data_root, first.device)
+        with _deadline(setup.limit(job)):
+            if len(job) == 1:
+                return [execute(first, setup.data_root)]
+            return execute_batched(job, setup.data_root)
+    except RunTimeout as exc:  # fired outside the engine's own handler
+        return _unfinished(job, "failed", f"RunTimeout: {exc}")
     except CfbenchError as exc:  # the worker's environment differs from the driver's
-        return unfinished_record(config, "failed", f"CfbenchError: {exc}")
+        return _unfinished(job, "failed", f"CfbenchError: {exc}")
 
 
 class Executor(ABC):
-    """Runs configurations and hands each record to `on_record` in the calling process."""
+    """Runs jobs and hands their records to `on_records` in the calling process."""
 
     setup: RunSetup
 
     @abstractmethod
-    def run(self, configs: Sequence[RunConfig], on_record: OnRecord) -> None:
-        """Execute every configuration; on Ctrl-C record those in flight as interrupted and
-        re-raise KeyboardInterrupt."""
+    def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
+        """Execute every job, handing over its records as it ends; on KeyboardInterrupt hand
+        over the runs in flight as interrupted and re-raise it."""
 
 
-def _interrupted(config: RunConfig, started_at: str) -> RunRecord:
+def _unfinished(job: Job, status: str, reason: str, started_at: str = "") -> list[RunRecord]:
+    """The records of a job's runs that did not finish (failed or interrupted)."""
     from cfbench.experiment import unfinished_record
 
-    return unfinished_record(config, "interrupted", "interrupted (Ctrl-C) while running; "
-                             "`--resume` reruns it", started_at)
+    return [unfinished_record(config, status, reason, started_at) for config in job]
 
 
-def _failed(config: RunConfig, reason: str, started_at: str) -> RunRecord:
-    from cfbench.experiment import unfinished_record
-
-    return unfinished_record(config, "failed", reason, started_at)
+def _interrupted(job: Job, started_at: str) -> list[RunRecord]:
+    return _unfinished(job, "interrupted", "interrupted (Ctrl-C or SIGTERM) while running; "
+                       "`--resume` reruns it", started_at)
 
 
 @dataclass
@@ -162,15 +193,15 @@ class SerialExecutor(Executor):
 
     setup: RunSetup
 
-    def run(self, configs: Sequence[RunConfig], on_record: OnRecord) -> None:
-        for config in configs:
+    def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
+        for job in jobs:
             started = _now()
             try:
-                record = run_one(config, self.setup)
+                records = run_job(job, self.setup)
             except KeyboardInterrupt:
-                on_record(_interrupted(config, started))
+                on_records(_interrupted(job, started))
                 raise
-            on_record(record)
+            on_records(records)
 
 
 # ---------------------------------------------------------------- local process pool
@@ -193,7 +224,8 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(conn: Connection, setup: RunSetup, threads: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the driver's to handle, for the group too
+        signal.signal(signum, signal.SIG_IGN)
     _die_with_parent()
     import torch
 
@@ -201,19 +233,19 @@ def _worker_main(conn: Connection, setup: RunSetup, threads: int) -> None:
     _warm_up()
     while True:
         try:
-            config = conn.recv()
+            job = conn.recv()
         except EOFError:
             return
-        if config is None:
+        if job is None:
             return
-        conn.send(run_one(config, setup))
+        conn.send(run_job(job, setup))
 
 
 @dataclass
 class _Worker:
     process: Any
     conn: Connection
-    config: RunConfig | None = None
+    job: Job | None = None
     started_at: str = ""
     started: float = 0.0
 
@@ -228,7 +260,7 @@ def _signal_name(exitcode: int | None) -> str:
 @dataclass
 class ProcessExecutor(Executor):
     """A pool of long-lived worker processes (forked by a ``forkserver`` that never ran torch),
-    each given one run at a time, so the driver always knows which run a worker holds. Each
+    each given one job at a time, so the driver always knows which runs a worker holds. Each
     worker uses cores // workers torch threads (at least one), so the pool does not oversubscribe
     the machine."""
 
@@ -247,8 +279,8 @@ class ProcessExecutor(Executor):
         there.close()
         return _Worker(process, here)
 
-    def run(self, configs: Sequence[RunConfig], on_record: OnRecord) -> None:
-        todo = deque(configs)
+    def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
+        todo = deque(jobs)
         size = min(self.workers, len(todo))
         if not size:
             return
@@ -259,28 +291,28 @@ class ProcessExecutor(Executor):
         try:
             while True:
                 for worker in pool:
-                    if worker.config is None and todo:
-                        worker.config, worker.started_at = todo.popleft(), _now()
+                    if worker.job is None and todo:
+                        worker.job, worker.started_at = todo.popleft(), _now()
                         worker.started = time.monotonic()
-                        worker.conn.send(worker.config)
-                busy = [w for w in pool if w.config is not None]
+                        worker.conn.send(worker.job)
+                busy = [w for w in pool if w.job is not None]
                 if not busy:
                     return
-                wait([o for w in busy for o in (w.conn, w.process.sentinel)],
-                     timeout=self._next_deadline(busy))
+                wait([o for w in busy for o in (w.conn, w.process.sentinel)], timeout=_wait_until(
+                    min(self.setup.kill_at(w.job, w.started) for w in busy if w.job)))
                 for worker in busy:
-                    record, alive = self._collect(worker)
-                    if record is None:
+                    records, alive = self._collect(worker)
+                    if records is None:
                         continue
-                    worker.config = None
+                    worker.job = None
                     if not alive:
                         worker.conn.close()
                         pool[pool.index(worker)] = self._start(context, threads)
-                    on_record(record)
+                    on_records(records)
         except KeyboardInterrupt:
             for worker in pool:
-                if worker.config is not None:
-                    on_record(_interrupted(worker.config, worker.started_at))
+                if worker.job is not None:
+                    on_records(_interrupted(worker.job, worker.started_at))
             raise
         finally:
             for worker in pool:
@@ -289,18 +321,12 @@ class ProcessExecutor(Executor):
                 worker.process.join()
                 worker.conn.close()
 
-    def _next_deadline(self, busy: list[_Worker]) -> float | None:
-        if self.setup.timeout is None:
-            return None
-        limit = self.setup.timeout + KILL_GRACE_S
-        return max(0.0, min(w.started + limit for w in busy) - time.monotonic())
-
-    def _collect(self, worker: _Worker) -> tuple[RunRecord | None, bool]:
-        """(the record, whether the worker lives) once the worker's run has ended: its own
-        record, or a failed one if it died or was killed for overrunning; (None, True) while
-        the run goes on."""
-        config = worker.config
-        assert config is not None
+    def _collect(self, worker: _Worker) -> tuple[list[RunRecord] | None, bool]:
+        """(the records, whether the worker lives) once the worker's job has ended: its own
+        records, or failed ones if it died or was killed for overrunning; (None, True) while
+        the job goes on."""
+        job = worker.job
+        assert job is not None
         if worker.conn.poll():
             try:
                 return worker.conn.recv(), True
@@ -308,17 +334,17 @@ class ProcessExecutor(Executor):
                 pass  # it died while sending: a crash, below
         elapsed = time.monotonic() - worker.started
         if worker.process.is_alive():
-            if self.setup.timeout is None or elapsed < self.setup.timeout + KILL_GRACE_S:
+            if time.monotonic() < self.setup.kill_at(job, worker.started):
                 return None, True
             worker.process.kill()
             worker.process.join()
-            reason = (f"RunTimeout: the run exceeded its timeout of {self.setup.timeout:g} s "
+            reason = (f"RunTimeout: the run exceeded its timeout of {self.setup.limit(job):g} s "
                       f"and its worker, still busy after {elapsed:.0f} s, was killed")
         else:
             worker.process.join()
             reason = (f"WorkerCrashed: the worker process died "
                       f"({_signal_name(worker.process.exitcode)}) {elapsed:.1f} s into this run")
-        return _failed(config, reason, worker.started_at), False
+        return _unfinished(job, "failed", reason, worker.started_at), False
 
 
 # ---------------------------------------------------------------- Ray
@@ -333,17 +359,17 @@ def _import_ray() -> Any:
     return ray
 
 
-def _ray_task(config: RunConfig, setup: RunSetup, threads: int) -> RunRecord:
+def _ray_task(job: Job, setup: RunSetup, threads: int) -> list[RunRecord]:
     import torch
 
     torch.set_num_threads(threads)
     _warm_up()  # once per Ray worker process: its parts are cached
-    return run_one(config, setup)
+    return run_job(job, setup)
 
 
 @dataclass
 class RayExecutor(Executor):
-    """Each run a Ray task requesting `cpus` CPUs and `gpus` GPUs (a fraction lets several
+    """Each job a Ray task requesting `cpus` CPUs and `gpus` GPUs (a fraction lets several
     small runs share one GPU). At most `workers` tasks are submitted at once (default: as many
     as the cluster's CPUs hold), so those in flight are those running; records stream back to
     the driver as tasks finish. Connects to `address` (e.g. ``auto`` or ``ray://head:10001``),
@@ -355,8 +381,8 @@ class RayExecutor(Executor):
     gpus: float = 0.0
     workers: int | None = None
 
-    def run(self, configs: Sequence[RunConfig], on_record: OnRecord) -> None:
-        if not configs:
+    def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
+        if not jobs:
             return
         ray = _import_ray()
         started_here = not ray.is_initialized()
@@ -367,49 +393,44 @@ class RayExecutor(Executor):
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f" at {self.address}" if self.address else ""
                 raise CfbenchError(f"cannot start or reach Ray{where}: {exc}") from None
+        todo = deque(jobs)
+        pending: dict[Any, tuple[Job, str, float]] = {}  # job, started at, when to cancel it
         try:
-            self._run(ray, configs, on_record)
+            task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_ray_task)
+            window = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)
+                                                // self.cpus))
+            threads = max(1, int(self.cpus))
+            while todo or pending:
+                while todo and len(pending) < window:
+                    job = todo.popleft()
+                    pending[task.remote(job, self.setup, threads)] = (
+                        job, _now(), self.setup.kill_at(job, time.monotonic()))
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=_wait_until(
+                    min(t for _, _, t in pending.values())))
+                for ref in ready:
+                    job, started_at, _ = pending.pop(ref)
+                    try:
+                        records = ray.get(ref)
+                    except ray.exceptions.RayError as exc:  # a dead worker or node
+                        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        records = _unfinished(job, "failed", f"WorkerCrashed: "
+                                              f"{type(exc).__name__}: {reason}", started_at)
+                    on_records(records)
+                for ref, (job, started_at, deadline) in list(pending.items()):
+                    if time.monotonic() > deadline:
+                        ray.cancel(ref, force=True)
+                        del pending[ref]
+                        on_records(_unfinished(job, "failed", f"RunTimeout: the run exceeded "
+                                               f"its timeout of {self.setup.limit(job):g} s and "
+                                               "its task was cancelled", started_at))
+        except KeyboardInterrupt:
+            for ref, (job, started_at, _) in pending.items():
+                ray.cancel(ref, force=True)
+                on_records(_interrupted(job, started_at))
+            raise
         finally:
             if started_here:
                 ray.shutdown()
-
-    def _run(self, ray: Any, configs: Sequence[RunConfig], on_record: OnRecord) -> None:
-        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_ray_task)
-        window = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus))
-        threads = max(1, int(self.cpus))
-        limit = None if self.setup.timeout is None else self.setup.timeout + KILL_GRACE_S
-        todo = deque(configs)
-        pending: dict[Any, tuple[RunConfig, str, float]] = {}
-        try:
-            while todo or pending:
-                while todo and len(pending) < window:
-                    config = todo.popleft()
-                    ref = task.remote(config, self.setup, threads)
-                    pending[ref] = (config, _now(), time.monotonic())
-                timeout = None if limit is None else max(
-                    0.0, min(t for _, _, t in pending.values()) + limit - time.monotonic())
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-                for ref in ready:
-                    config, started_at, _ = pending.pop(ref)
-                    try:
-                        record = ray.get(ref)
-                    except ray.exceptions.RayError as exc:  # a dead worker or node
-                        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                        record = _failed(config, f"WorkerCrashed: {type(exc).__name__}: "
-                                                 f"{reason}", started_at)
-                    on_record(record)
-                for ref, (config, started_at, t0) in list(pending.items()):
-                    if limit is not None and time.monotonic() - t0 > limit:
-                        ray.cancel(ref, force=True)
-                        del pending[ref]
-                        on_record(_failed(config, f"RunTimeout: the run exceeded its timeout "
-                                                  f"of {self.setup.timeout:g} s and its task "
-                                                  "was cancelled", started_at))
-        except KeyboardInterrupt:
-            for ref, (config, started_at, _) in pending.items():
-                ray.cancel(ref, force=True)
-                on_record(_interrupted(config, started_at))
-            raise
 
 
 def make_executor(name: str, setup: RunSetup, *, workers: int | None = None,

@@ -1,8 +1,9 @@
 """From a request to run records: plan (validate everything first), then execute each run.
 
 `plan_runs` resolves and checks every name, hyperparameter, protocol field and data file before
-anything trains, so bad input fails fast and writes nothing. `execute` runs one configuration
-through the scenario and fills R, the metrics and the costs.
+anything trains, so bad input fails fast and writes nothing. `fill` trains K >= 1
+configurations through one backend of the loop and fills their records (R, the objective's
+matrices, the metrics and the costs); `execute` is one configuration on one model.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cfbench.strategy import (
     resolve_hparams,
     strategy_names,
 )
-from cfbench.train import evaluate, train_task, warm_up
+from cfbench.train import ModelBackend, evaluate_members, run_task, train_task, warm_up
 from cfbench.validation import validation_split
 
 
@@ -127,13 +128,18 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def new_record(config: RunConfig) -> RunRecord:
+    """The record of a run about to start."""
+    return RunRecord(run_id=config.run_id, config=config.to_dict(), started_at=utc_now(),
+                     env=environment(config.device))
+
+
 def execute(config: RunConfig, data_root: Path,
             on_task: Callable[[int, int], None] | None = None) -> RunRecord:
     """Run one configuration. A failure inside training is returned as a failed record."""
-    record = RunRecord(run_id=config.run_id, config=config.to_dict(), started_at=utc_now(),
-                       env=environment(config.device))
+    record = new_record(config)
     try:
-        _fill(record, config, data_root, on_task)
+        fill([record], [config], data_root, on_task)
     except CfbenchError:
         raise
     except Exception as exc:  # a diverging or crashing strategy must not take the grid down
@@ -152,60 +158,79 @@ def unfinished_record(config: RunConfig, status: str, reason: str, started_at: s
                      started_at=started_at or utc_now(), finished_at=utc_now())
 
 
-def _fill(record: RunRecord, config: RunConfig, data_root: Path,
-          on_task: Callable[[int, int], None] | None) -> None:
+def fill(records: Sequence[RunRecord], configs: Sequence[RunConfig], data_root: Path,
+         on_task: Callable[[int, int], None] | None = None,
+         backend: type[ModelBackend] = ModelBackend) -> None:
+    """Train `configs` (K >= 1 configurations of one scenario, setting and protocol) through
+    one `backend` of the loop and fill one record each. `on_task` is called as each run's own
+    loop would call it. Costs are the job's divided by K."""
+    config = configs[0]
     device = torch.device(config.device)
-    scenario, setting = run_scenario(config, data_root)
-    record.tasks = task_summaries(scenario)
-
-    model = initial_model(config, scenario, setting, device)
-    if config.protocol.compile:
-        model.compile()
-    strategy = build_strategy(config.strategy, config.hparams, config.setting)
-    ctx = TrainContext.create(model, scenario, setting, config.seed, device)
+    scenario, setting = training_scenario(config, data_root)
+    tasks = scenario.tasks
+    for record in records:
+        record.tasks = task_summaries(scenario)
+    ctxs, strategies = [], []
+    for c in configs:
+        model = initial_model(c, scenario, setting, device)
+        if c.protocol.compile:
+            model.compile()
+        strategies.append(build_strategy(c.strategy, c.hparams, c.setting))
+        ctxs.append(TrainContext.create(model, scenario, setting, c.seed, device))
+    job = backend(ctxs, strategies)
     warm_up()
     train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
     reset_peak_memory(device)
+    tables: list[dict[str, list[list[float]]]] = [{} for _ in configs]
 
-    R = []
+    def evaluate(predict: bool = True) -> None:
+        with eval_clock:
+            for table, rows in zip(tables, evaluate_members(job, predict), strict=True):
+                for name, row in rows.items():
+                    table.setdefault(name, []).append(row)
+
     first = 0
     if scenario.source is not None:
         # Transfer: row 0 is the untrained model, row 1 the source learned (identically for
         # every strategy); the strategy sees the source as a task learned in zero steps.
-        with eval_clock:
-            R.append(evaluate(ctx))
-        model.load_state_dict(source_state(config, scenario, setting, data_root))
-        ctx.task_index, first = 0, 1
-    start = {id(p): p.detach().clone() for p in model.parameters()}
-    strategy.setup(ctx)
+        evaluate(predict=False)
+        job.load([source_state(c, scenario, setting, data_root) for c in configs])
+        job.set_task(0)
+        first = 1
+    start = [{id(p): p.detach().clone() for p in c.model.parameters()} for c in ctxs]
+    job.each("setup")
     if first:
-        strategy.before_task(ctx, scenario.tasks[0])
-        strategy.after_task(ctx, scenario.tasks[0])
-    with eval_clock:
-        R.append(evaluate(ctx, strategy))
-    task_costs = []
-    for t in range(first, len(scenario.tasks)):
-        ctx.task_index = t
+        job.each("before_task", tasks[0])
+        job.each("after_task", tasks[0])
+    evaluate()
+    costs = []
+    for t in range(first, len(tasks)):
+        job.set_task(t)
         with train_clock:
-            task_costs.append(train_task(ctx, strategy, scenario.tasks[t]))
-        record.tasks[t]["steps"] = task_costs[-1].steps
-        with eval_clock:
-            R.append(evaluate(ctx, strategy))
-        if on_task:
-            on_task(t + 1, len(scenario.tasks))
-
-    record.R = R
-    record.metrics = run_metrics(R, ctx.model, start, transfer=bool(first))
-    record.strategy_log = ctx.log
-    record.cost = {
-        "train_seconds": train_clock.seconds,
-        "eval_seconds": eval_clock.seconds,
-        "steps": sum(c.steps for c in task_costs),
-        "train_flops": sum(c.flops for c in task_costs),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_gpu_bytes": peak_gpu_bytes(device),
-        "state_bytes": strategy.state_bytes(),
-    }
+            costs.append(run_task(job, tasks[t]))
+        evaluate()
+        for record in records:
+            record.tasks[t]["steps"] = costs[-1].steps
+            if on_task:
+                on_task(t + 1, len(tasks))
+    job.sync()
+    for record, ctx, strategy, table, begun in zip(records, ctxs, strategies, tables, start,
+                                                   strict=True):
+        record.R = table.pop("R")
+        record.matrices = table
+        record.metrics = run_metrics(record.R, ctx.model, begun, transfer=bool(first))
+        record.strategy_log = ctx.log
+        record.cost = {
+            "train_seconds": train_clock.seconds / job.k,
+            "eval_seconds": eval_clock.seconds / job.k,
+            "steps": sum(c.steps for c in costs),
+            "train_flops": sum(c.flops for c in costs),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_gpu_bytes": peak_gpu_bytes(device),
+            "state_bytes": strategy.state_bytes(),
+        }
+        if job.batched:
+            record.cost["batched_seeds"] = job.k
 
 
 def run_metrics(R: list[list[float]], model: torch.nn.Module, start: Mapping[int, torch.Tensor],
@@ -219,7 +244,7 @@ def run_metrics(R: list[list[float]], model: torch.nn.Module, start: Mapping[int
     return out
 
 
-def run_scenario(config: RunConfig, data_root: Path) -> tuple[Scenario, Setting]:
+def training_scenario(config: RunConfig, data_root: Path) -> tuple[Scenario, Setting]:
     """The scenario a run trains on (its validation split, if any, and its protocol), and its
     setting."""
     scenario = load_scenario(config.scenario, config.scenario_options, config.scenario_seed,

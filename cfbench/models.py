@@ -9,6 +9,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from cfbench.errors import CfbenchError
 
@@ -29,13 +30,17 @@ def has_running_stats(module: nn.Module) -> bool:
     return getattr(module, "running_mean", None) is not None
 
 
-def hold_in_eval(modules: list[nn.Module]) -> None:
-    """Put frozen normalisation layers back in eval mode before a forward pass: the loop puts
-    the whole model in train mode at each task's start, and a frozen batch norm must neither
-    normalise with batch statistics nor move its running ones."""
-    for module in modules:
-        if module.training:
-            module.eval()
+def hold_in_eval(module: nn.Module) -> RemovableHandle:
+    """Run a frozen normalisation layer in eval mode at every forward pass, whatever mode the
+    model was put in (the loop sets train mode at each task's start, evaluation restores the
+    mode it found): a frozen batch norm must neither normalise with batch statistics nor move
+    its running ones. Removing the returned handle releases it."""
+    return module.register_forward_pre_hook(_to_eval)
+
+
+def _to_eval(module: nn.Module, args: tuple) -> None:
+    if module.training:
+        module.eval()
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -118,8 +123,21 @@ def torchvision_resnet18(in_channels: int, n_outputs: int, small_inputs: bool) -
     return Backbone(net, head)
 
 
+class TokenLSTM(nn.Module):
+    """Token ids (B, L) -> the hidden states (B, L, H) of one LSTM layer over their
+    embeddings: the features of a small next-token model."""
+
+    def __init__(self, vocabulary: int, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.lstm = nn.LSTM(width, width, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(self.embed(x))[0]
+
+
 MODELS_HELP = ("mlp:W1,W2,... (e.g. mlp:400,400), resnet18-reduced[:NF] (NF=20), "
-               "resnet18-cifar, resnet18")
+               "resnet18-cifar, resnet18, lstm:H (token sequences)")
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
@@ -137,6 +155,12 @@ def build_model(spec: str, input_shape: tuple[int, ...], n_outputs: int) -> nn.M
     if family.startswith("resnet18") and len(input_shape) != 3:
         raise CfbenchError(f"model '{spec}' needs image inputs (C x H x W), got shape "
                            f"{input_shape}")
+    if family == "lstm":
+        if len(input_shape) != 1 or not (args.isdigit() and int(args) > 0):
+            raise CfbenchError(f"model '{spec}' needs token sequences (L,) and a positive "
+                               "width, e.g. lstm:64")
+        # One vocabulary in and out: the outputs are the next token's logits.
+        return Backbone(TokenLSTM(n_outputs, int(args)), nn.Linear(int(args), n_outputs))
     if family == "resnet18-reduced":
         if args and not (args.isdigit() and int(args) > 0):
             raise CfbenchError(f"bad model spec '{spec}': the width NF must be a positive "

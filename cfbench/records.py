@@ -68,7 +68,8 @@ class RunConfig:
 
 @dataclass
 class RunRecord:
-    """The outcome of one run (schema version 1). R has T+1 rows; accuracies in [0, 1]."""
+    """The outcome of one run (schema version 1). R has T+1 rows of scores in [0, 1] (accuracy
+    for classification)."""
 
     run_id: str
     config: dict[str, Any]
@@ -79,6 +80,9 @@ class RunRecord:
     traceback: str | None = None
     tasks: list[dict[str, Any]] = field(default_factory=list)
     R: list[list[float]] = field(default_factory=list)
+    matrices: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Measurements shaped like R that the scenario's objective keeps beside it (a language
+    model's held-out loss in nats per token); none for classification."""
     metrics: dict[str, float] = field(default_factory=dict)
     cost: dict[str, float | int | None] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)

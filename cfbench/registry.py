@@ -13,12 +13,15 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import importlib.util
 import inspect
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 from cfbench.errors import CfbenchError
@@ -244,3 +247,30 @@ scenarios = Registry("scenario", "scenarios", "cfbench.scenarios", "cfbench.scen
 
 register_strategy = strategies.register
 register_scenario = scenarios.register
+
+
+def load_plugin(path: str) -> None:
+    """Import a user's Python file so its @register_* decorators run (the same file twice
+    registers once)."""
+    file = Path(path)
+    if not file.is_file():
+        raise CfbenchError(f"plugin file {path} does not exist")
+    strategies.load()
+    scenarios.load()
+    name = f"cfbench_plugin_{file.stem.replace('-', '_')}"
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(loaded.__file__ or "").resolve() == file.resolve():
+        return
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise CfbenchError(f"plugin file {path} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except CfbenchError:
+        raise
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise CfbenchError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}"
+                           ) from None

@@ -4,20 +4,24 @@ strategies and prints our numbers beside the published ones.
 A reproduction is data: the scenario and protocol the paper used, the published mean and
 standard deviation per method and setting, and the runs (strategy, hyperparameters per setting,
 protocol changes) that stand for each published row. A row lands when our mean over seeds is
-within the published mean +/- max(3 x published std, 2 points).
+within the published mean +/- max(3 x published std, 2 points). `plan` lists the runs; they take
+the one run path (`cfbench.runs.run_plan`, always resuming from the records already there), and
+`results` reads the table's numbers from their records.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable, Mapping, Sequence
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cfbench.errors import CfbenchError
-from cfbench.experiment import execute, plan_runs
-from cfbench.records import RunRecord, read_records, write_record
+from cfbench.experiment import plan_runs
+from cfbench.records import RunConfig, RunRecord
 from cfbench.registry import SETTINGS
 
 Hparams = Mapping[str, Mapping[str, Any]]
@@ -170,7 +174,7 @@ def get(name: str) -> Reproduction:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class RowResult:
     """Our result for one row and setting, beside the published one."""
 
     row: Row
@@ -181,14 +185,11 @@ class Outcome:
 
     @property
     def mean(self) -> float:
-        return sum(self.accs) / len(self.accs)
+        return statistics.fmean(self.accs)
 
     @property
     def std(self) -> float:
-        n = len(self.accs)
-        if n < 2:
-            return math.nan
-        return math.sqrt(sum((a - self.mean) ** 2 for a in self.accs) / (n - 1))
+        return statistics.stdev(self.accs) if len(self.accs) > 1 else math.nan
 
     @property
     def within(self) -> bool:
@@ -196,53 +197,50 @@ class Outcome:
         return lo <= self.mean <= hi
 
 
-def run(repro: Reproduction, *, seeds: int, data_root: Path, out: Path,
-        rows: Sequence[Row] | None = None, settings: Sequence[str] | None = None,
-        protocol_overrides: Mapping[str, Any] | None = None, device: str = "cpu",
-        on_record: Callable[[RunRecord], None] | None = None) -> list[Outcome]:
-    """Run (or take from `out`, where a run already finished) every row x setting x seed."""
-    rows = list(rows or repro.rows)
-    settings = list(settings or repro.settings)
-    plans = []
-    for row in rows:  # plan everything first: a bad row fails before anything trains
-        for setting in settings:
-            configs = plan_runs(
-                scenario=repro.scenario, settings=[setting], strategies=[row.strategy],
-                hparams=row.hparams.get(setting, {}), seeds=range(seeds),
-                scenario_options=repro.scenario_options,
-                protocol_overrides={**repro.protocol, **row.protocol,
-                                    **(protocol_overrides or {})},
-                device=device, data_root=data_root)
-            plans.append((row, setting, configs))
-    done = {r.run_id: r for r in read_records(out) if r.status == "ok"} if out.is_dir() else {}
-    outcomes = []
-    for row, setting, configs in plans:
-        accs = []
-        for config in configs:
-            record = done.get(config.run_id)
-            if record is None:
-                record = execute(config, data_root)
-                write_record(record, out)
-                if on_record:
-                    on_record(record)
-            if record.status != "ok":
-                raise CfbenchError(f"{row.label} ({setting}, seed {config.seed}) failed: "
-                                   f"{record.error}; its record is in {out}/")
-            accs.append(100 * record.metrics["acc"])
-        outcomes.append(Outcome(row, setting, tuple(accs), repro.published[row.method][setting]))
-    return outcomes
+Plan = list[tuple[Row, str, list[RunConfig]]]  # per row and setting, a run per seed
 
 
-def table(repro: Reproduction, outcomes: Sequence[Outcome]) -> str:
+def plan(repro: Reproduction, *, data_root: Path, seeds: int | None = None,
+         rows: Sequence[str] = (), settings: Sequence[str] | None = None,
+         epochs: float | None = None, device: str = "cpu") -> Plan:
+    """Every row (those whose label matches a wildcard of `rows`; all without) x setting x seed
+    (the paper's seeds by default), all validated before anything trains."""
+    chosen = [r for r in repro.rows if not rows or any(fnmatch.fnmatch(r.label, p) for p in rows)]
+    if not chosen:
+        raise CfbenchError(f"no row of {repro.name} matches {', '.join(rows)}; rows: "
+                           f"{', '.join(r.label for r in repro.rows)}")
+    unknown = set(settings or ()) - set(repro.settings)
+    if unknown:
+        raise CfbenchError(f"{repro.name} has no setting {', '.join(sorted(unknown))}; choose "
+                           f"from {', '.join(repro.settings)}")
+    quicker = {"epochs": epochs} if epochs else {}
+    return [(row, setting, plan_runs(
+        scenario=repro.scenario, settings=[setting], strategies=[row.strategy],
+        hparams=row.hparams.get(setting, {}), seeds=range(seeds or repro.seeds),
+        scenario_options=repro.scenario_options,
+        protocol_overrides={**repro.protocol, **row.protocol, **quicker},
+        device=device, data_root=data_root))
+        for row in chosen for setting in settings or repro.settings]
+
+
+def results(repro: Reproduction, plan: Plan, records: Iterable[RunRecord]) -> list[RowResult]:
+    """Our numbers for each row and setting whose every run finished ok."""
+    acc = {r.run_id: 100 * r.metrics["acc"] for r in records if r.status == "ok"}
+    return [RowResult(row, setting, tuple(acc[c.run_id] for c in configs),
+                      repro.published[row.method][setting])
+            for row, setting, configs in plan if all(c.run_id in acc for c in configs)]
+
+
+def table(repro: Reproduction, rows: Sequence[RowResult]) -> str:
     """Markdown: our mean +/- std beside the published mean +/- std, marking rows in band."""
-    settings = [s for s in repro.settings if any(o.setting == s for o in outcomes)]
-    cell = {(o.row.label, o.setting): o for o in outcomes}
+    settings = [s for s in repro.settings if any(o.setting == s for o in rows)]
+    cell = {(o.row.label, o.setting): o for o in rows}
     lines = [f"Reproduction of {repro.citation}: average accuracy (%) after the last task, "
              "ours (mean +/- std over seeds) | published; "
              "'ok' = within published mean +/- max(3 std, 2).", "",
              "| method | " + " | ".join(f"{s} ours | {s} published" for s in settings) + " |",
              "|---|" + "---|---|" * len(settings)]
-    for label in dict.fromkeys(o.row.label for o in outcomes):
+    for label in dict.fromkeys(o.row.label for o in rows):
         cells = []
         for s in settings:
             o = cell.get((label, s))

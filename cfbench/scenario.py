@@ -9,6 +9,9 @@ digit); the setting decides what the network is asked to output:
 - domain: one shared unit per within-task label (the position of the label in ``task.classes``).
 - class:  one unit per global label, no task label; logits are masked to the labels of the tasks
           seen so far (``Protocol.class_scope="seen"``, the default) or not at all ("all").
+
+A scenario's `objective` says what its samples are to the engine: how a stored batch becomes
+model input, which loss trains the model and which score fills R (`Objective`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cfbench.errors import CfbenchError
@@ -138,6 +142,97 @@ def split_by_class(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
     return tasks
 
 
+class Objective:
+    """What a scenario's samples are to the engine; the loop, the evaluator and every strategy
+    reach them only through it, so a task need not be an image.
+
+    Methods that take outputs accept a leading member dimension (K models trained as one
+    stacked job, ``cfbench.batched``): outputs (K, B, ...) with targets (K, B, ...) or (B, ...).
+    """
+
+    matrices: tuple[str, ...] = ()
+    """Measurements a record keeps beside R, one matrix each (``RunRecord.matrices``)."""
+
+    def prepare(self, scenario: Scenario, x: torch.Tensor, augment: torch.Generator | None
+                ) -> torch.Tensor:
+        """Stored inputs of a minibatch -> model inputs; `augment` (training batches only)
+        draws the scenario's augmentation."""
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss, a mean over the batch (one per member)."""
+        raise NotImplementedError
+
+    def measure(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sums (..., S) over one evaluation batch (targets (B, ...), shared by the members),
+        added up over a task's batches on the device; `summarise` turns a task's sums into its
+        entries of R and of the matrices."""
+        raise NotImplementedError
+
+    def summarise(self, sums: list[float]) -> tuple[float, dict[str, float]]:
+        """A task's score (its entry of R: in [0, 1], higher is better) and its entry of each
+        matrix in `matrices`."""
+        raise NotImplementedError
+
+
+class Classification(Objective):
+    """Images with class labels: uint8 pixels normalised per batch (augmented for training),
+    cross-entropy on the (masked) logits, and top-1 accuracy in R."""
+
+    def prepare(self, scenario: Scenario, x: torch.Tensor, augment: torch.Generator | None
+                ) -> torch.Tensor:
+        # One fresh float copy, then in place: the same rounding as out-of-place operations,
+        # without allocating (and page-faulting) temporaries for an evaluation batch.
+        pixels = x.to(torch.float32, copy=True).mul_(1.0 / 255.0)
+        if augment is not None and scenario.augmentation is not None:
+            pixels = scenario.augmentation(pixels, augment)
+        return scenario.normalise(pixels, in_place=True)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.dim() == 1:
+            return F.cross_entropy(outputs, targets)
+        losses = F.cross_entropy(outputs.flatten(0, -2), targets.flatten(), reduction="none")
+        return losses.view(targets.shape).mean(-1)
+
+    def measure(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hits = (scores.argmax(-1) == targets).sum(-1)
+        return torch.stack([hits, torch.full_like(hits, targets.shape[-1])], -1)
+
+    def summarise(self, sums: list[float]) -> tuple[float, dict[str, float]]:
+        hits, count = sums
+        return hits / count, {}
+
+
+class NextToken(Objective):
+    """Token sequences: inputs (N, L) of token ids and targets (N, L) the next tokens, trained
+    by cross-entropy per token; R holds next-token accuracy and ``loss`` the held-out
+    cross-entropy in nats per token."""
+
+    matrices = ("loss",)
+
+    def prepare(self, scenario: Scenario, x: torch.Tensor, augment: torch.Generator | None
+                ) -> torch.Tensor:
+        return x
+
+    def _token_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every token (..., B, L); targets broadcast against outputs."""
+        targets = targets.expand(outputs.shape[:-1])
+        losses = F.cross_entropy(outputs.flatten(0, -2), targets.flatten(), reduction="none")
+        return losses.view(targets.shape)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._token_losses(outputs, targets).flatten(-2).mean(-1)
+
+    def measure(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hits = (scores.argmax(-1) == targets).flatten(-2).sum(-1).double()
+        nats = self._token_losses(scores, targets).flatten(-2).sum(-1).double()
+        return torch.stack([hits, torch.full_like(hits, targets.numel()), nats], -1)
+
+    def summarise(self, sums: list[float]) -> tuple[float, dict[str, float]]:
+        hits, count, nats = sums
+        return hits / count, {"loss": nats / count}
+
+
 @dataclass(frozen=True)
 class Source:
     """How task 0 of a transfer scenario is learned before the sequence, the same way for every
@@ -156,7 +251,7 @@ class Scenario:
     `mean` and `std` are one value, or one per channel. `augmentation` transforms training
     batches only (never evaluation). A scenario with a `source` is a transfer scenario: task 0
     is the source, learned before the sequence (see `Source`), and the strategy trains tasks
-    1..T-1 after it.
+    1..T-1 after it. `objective` says what the samples are (image classification by default).
     """
 
     name: str
@@ -167,6 +262,7 @@ class Scenario:
     std: float | tuple[float, ...] = 1.0
     augmentation: Augmentation | None = None
     source: Source | None = None
+    objective: Objective = field(default_factory=Classification)
     n_classes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -186,17 +282,9 @@ class Scenario:
         return mean, 1.0 / std
 
     def prepare(self, x: torch.Tensor, augment: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 inputs of a minibatch -> normalised float32 (done per batch, never stored).
-
-        With a generator, the scenario's augmentation (if any) is applied first, to the pixels.
-        The arithmetic runs in place on one fresh float copy: the same rounding as
-        out-of-place operations, but an evaluation batch of thousands of images no longer
-        allocates (and page-faults) three temporaries (7-11% of an evaluation's time here).
-        """
-        pixels = x.to(torch.float32, copy=True).mul_(1.0 / 255.0)
-        if augment is not None and self.augmentation is not None:
-            pixels = self.augmentation(pixels, augment)
-        return self.normalise(pixels, in_place=True)
+        """Stored inputs of a minibatch -> model inputs (done per batch, never stored), by the
+        scenario's objective; with a generator, training augmentation is applied."""
+        return self.objective.prepare(self, x, augment)
 
     def normalise(self, pixels: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
         """Float pixels in [0, 1] -> model inputs (the scenario's normalisation); `in_place`

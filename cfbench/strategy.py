@@ -10,16 +10,26 @@ Hook order per task::
     -> backward -> after_backward -> optimizer.step -> after_step] x steps -> after_task
 
 and at every evaluation, ``predict`` turns a test batch into class scores.
+
+Inside the step, ``batch``, ``loss`` and ``penalty`` are pure: they return values and change
+no state besides the draws they take from ``ctx.generator``. What else a step changes (a
+buffer fed with the stream, reference gradients, a path integral, a learning rate) happens in
+``after_backward`` (gradients in place, parameters as the forward saw them) or ``after_step``
+(after the update); both receive the step's stream minibatch. A model that routes samples by
+task reads the task ids of the batch being forwarded from ``forward_tasks`` (set by
+``TrainContext.forward``), not from a hook.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cfbench import registry
@@ -32,7 +42,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainData:
-    """What one task trains on: uint8 inputs, global labels and each sample's task index."""
+    """What one task trains on: stored inputs (uint8 pixels, token ids), targets (global
+    labels, next tokens) and each sample's task index."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -49,11 +60,33 @@ class TrainData:
 
 @dataclass
 class Batch:
-    """A minibatch as the model sees it: float inputs, output-unit targets, task indices."""
+    """A minibatch as the model sees it: inputs prepared by the scenario's objective, targets
+    (output units), task indices."""
 
     x: torch.Tensor
     y: torch.Tensor
     task: torch.Tensor
+
+
+_FORWARD_TASKS: ContextVar[torch.Tensor | None] = ContextVar("cfbench_forward_tasks",
+                                                              default=None)
+
+
+def forward_tasks() -> torch.Tensor | None:
+    """The task index of each sample of the forward pass under way (None: the model was called
+    outside ``TrainContext.forward``). Per-task adapters and columns route by it, so every
+    forward pass, the loop's, a teacher's, one on memory samples, routes by its own batch."""
+    return _FORWARD_TASKS.get()
+
+
+@contextmanager
+def routed_by(task: torch.Tensor | None) -> Iterator[None]:
+    """Forward passes inside see `task` as ``forward_tasks()``."""
+    token = _FORWARD_TASKS.set(task)
+    try:
+        yield
+    finally:
+        _FORWARD_TASKS.reset(token)
 
 
 @dataclass
@@ -99,13 +132,20 @@ class TrainContext:
         return Batch(self.scenario.prepare(data.x[idx], generator),
                      self.setting.targets(data.y[idx]), data.task[idx])
 
+    def forward(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
+        """Unmasked outputs of `model` (default: the trained one) for a batch, with the batch's
+        task ids in ``forward_tasks`` while it runs (for models that route by task)."""
+        with routed_by(batch.task):
+            return (model or self.model)(batch.x)
+
     def logits(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
         """Masked logits of `model` (default: the trained one) for a batch at this point."""
-        out = (model or self.model)(batch.x)
-        return apply_mask(out, self.setting.mask(batch.task, self.task_index))
+        return apply_mask(self.forward(batch, model), self.setting.mask(batch.task,
+                                                                         self.task_index))
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(logits, batch.y)
+        """The scenario's training loss (cross-entropy for classification)."""
+        return self.scenario.objective.loss(logits, batch.y)
 
     @classmethod
     def create(cls, model: nn.Module, scenario: Scenario, setting: str | Setting = "class",
@@ -132,6 +172,10 @@ class Strategy:
     Hyperparameters are the keyword-only, typed, defaulted arguments of ``__init__``.
     """
 
+    stacked: ClassVar[type[Stacked] | None] = None
+    """The form of this class's in-step hooks for K stacked members (seed batching), or None:
+    its runs are not stacked (see `stacked_form`)."""
+
     def setup(self, ctx: TrainContext) -> None:
         """Once, after the model is built and before row 0 of R is evaluated."""
 
@@ -150,24 +194,31 @@ class Strategy:
         return None
 
     def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
-        """Change a minibatch before the forward pass (replay mixes in memory samples)."""
+        """The minibatch the model trains on, made from the one before (replay appends memory
+        samples). Pure: it returns a batch and changes no state."""
         return batch
 
     def loss(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """The task loss; cross-entropy on the masked logits unless a strategy replaces it
-        (iCaRL's per-class sigmoid loss)."""
+        (iCaRL's per-class sigmoid loss). Pure."""
         return ctx.loss(logits, batch)
 
     def penalty(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor
                 ) -> torch.Tensor | None:
-        """A term added to the loss (EWC, L2-SP, distillation), or None."""
+        """A term added to the loss (L2-SP, distillation, DER's logit match), or None. Pure:
+        `batch` is the one trained on (after every ``batch`` hook), `logits` its forward."""
         return None
 
-    def after_backward(self, ctx: TrainContext) -> None:
-        """Edit gradients before the optimizer step (projection, protection)."""
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
+        """Before the optimizer step, with the step's gradients in ``.grad``: edit them
+        (projection, protection, EWC's term) or read them, and compute what needs the
+        parameters as the forward saw them (reference gradients, logits to store). `batch`
+        is the step's stream minibatch: as drawn from the task's data, before any ``batch``
+        hook (the samples a reservoir stores)."""
 
-    def after_step(self, ctx: TrainContext) -> None:
-        """After each optimizer step (path integrals, early-stopping checks)."""
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
+        """After each optimizer step (path integrals, feeding a reservoir, early-stopping
+        checks); `batch` is the step's stream minibatch, as for ``after_backward``."""
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:
         """After a task's last step (Fisher, importances, buffer update)."""
@@ -193,12 +244,66 @@ def overrides(strategy: Strategy, hook: str) -> bool:
     return getattr(type(strategy), hook) is not getattr(Strategy, hook)
 
 
+class Stacked:
+    """A strategy's in-step hooks for K members trained as one stacked job (``cfbench.batched``;
+    the members may differ in seed and hyperparameters). A class that names its form in
+    `Strategy.stacked` promises that its ``batch`` and ``after_step`` hooks read no parameters:
+    they run per member, on that member's context and strategy object. ``penalty`` and
+    ``after_backward`` run here, once for all members. This base has neither: the form of a
+    strategy whose in-step hooks read no parameters (replay).
+
+    `job` is the stacked backend (its ``params``, ``forward`` and ``ctxs``); `members` holds each
+    member's strategy object (the part of its composition this form stands for)."""
+
+    def __init__(self, job: Any, members: list[Strategy]) -> None:
+        self.job, self.members = job, members
+
+    def start_task(self) -> None:
+        """Gather the members' state for the task (after their ``before_task``)."""
+
+    def penalty(self, x: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
+        """Each member's penalty (K,), from inputs (K, B, ...) and raw outputs (K, B, U)."""
+        return None
+
+    def after_backward(self) -> None:
+        """Edit the stacked gradients (``job.params[name].grad``, shape (K, ...))."""
+
+
+STACKABLE_HOOKS = ("batch", "penalty", "after_backward", "after_step")
+"""In-step hooks a stacked form covers; a strategy overriding ``loss``, ``param_groups`` or
+``predict`` is never stacked."""
+
+
+def stacked_form(strategy: Strategy) -> type[Stacked] | None:
+    """The stacked form of `strategy`'s in-step hooks: `Stacked` itself where it overrides
+    none, else the form its class declares, provided no class below the declaring one
+    re-defined an in-step hook (SI inherits ``Quadratic``'s form but has its own
+    ``after_backward``); None if it has none."""
+    cls = type(strategy)
+    hooks = [h for h in (*STACKABLE_HOOKS, "loss", "param_groups", "predict")
+             if overrides(strategy, h)]
+    if not hooks:
+        return Stacked
+    owner = next(c for c in cls.__mro__ if "stacked" in vars(c))
+    definers = [next(c for c in cls.__mro__ if h in vars(c)) for h in hooks]
+    if (owner.stacked is None or not set(hooks) <= set(STACKABLE_HOOKS)
+            or not all(issubclass(owner, d) for d in definers)):
+        return None
+    return owner.stacked
+
+
 class Compose(Strategy):
-    """Several strategies as one, in the order written: training data and batches chain left to
-    right, penalties add, parameter groups intersect, and every other hook runs left to right.
-    So in ``agem+grad-protect`` the gradient is projected first and then damped, and in
-    ``grad-protect+agem`` the damped gradient is projected. ``loss`` and ``predict`` have at
-    most one owner."""
+    """Several strategies as one: training data and batches chain left to right, penalties
+    add, parameter groups intersect, and every other hook runs left to right.
+
+    The order written matters only where the mathematics makes it matter. Pure hooks cannot
+    interfere, routing follows each forward's own batch, and buffers are fed the stream
+    minibatch, so ``replay+lora`` and ``lora+replay`` train identically, as do ``ewc+replay``
+    and ``replay+ewc``. Order matters where two parts edit the same gradient (in
+    ``agem+grad-protect`` the gradient is projected first and then damped, in
+    ``grad-protect+agem`` the damped gradient is projected), where two parts append to a
+    batch (the rows come in the order written), and where two parts draw from
+    ``ctx.generator`` in one hook. ``loss`` and ``predict`` have at most one owner."""
 
     def __init__(self, parts: list[Strategy]) -> None:
         self.parts = parts
@@ -255,11 +360,11 @@ class Compose(Strategy):
                  is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
-    def after_backward(self, ctx: TrainContext) -> None:
-        self._each("after_backward", ctx)
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
+        self._each("after_backward", ctx, batch)
 
-    def after_step(self, ctx: TrainContext) -> None:
-        self._each("after_step", ctx)
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
+        self._each("after_step", ctx, batch)
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:
         self._each("after_task", ctx, task)

@@ -1,10 +1,17 @@
-"""The one training loop and the evaluator, shared by every strategy.
+"""The one training loop and the evaluator, shared by every strategy and every backend.
 
 Data stays on the device; minibatches are index slices of a seeded permutation (no DataLoader,
 no per-sample Python). Hooks a strategy does not override are never called, so naive fine-tuning
 costs what a bare PyTorch loop costs. Nothing in the step loop synchronises with the host: a
 non-finite loss stops the run at once on the CPU (reading a CPU scalar is free) and within
 `NONFINITE_CHECK_EVERY` steps on an accelerator, where a device-side flag is read that often.
+
+The loop drives a backend: K >= 1 members (configurations sharing a scenario, setting and
+protocol), each with its own context (so its own minibatch order) and strategy object, trained
+in lockstep. `ModelBackend` trains one ordinary model; ``cfbench.batched.StackedBackend`` trains
+K stacked networks as one job. A backend supplies the forward and backward pass, the hooks
+around the optimizer step and the evaluation outputs; the budget, the minibatch order, the FLOP
+count, the non-finite check and the evaluator exist once, here.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfbench.scenario import Protocol, Task
-from cfbench.strategy import Strategy, TrainContext, overrides
+from cfbench.strategy import Batch, Strategy, TrainContext, TrainData, overrides
 
 
 def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator,
@@ -81,23 +88,136 @@ class NonFiniteLoss(ArithmeticError):
                          "of that task; the run was stopped")
 
 
-def _check_flag(first_bad: torch.Tensor, task: Task, task_index: int) -> None:
-    """Read the device-side non-finite flag (one sync) and stop the run if it is set."""
-    bad = int(first_bad)
-    if bad >= 0:
-        raise NonFiniteLoss(task, task_index, bad, None)
+def _check_flags(first_bad: torch.Tensor, task: Task, task_index: int) -> None:
+    """Read the members' device-side non-finite flags (one sync); stop the run if one is set."""
+    bad = [step for step in first_bad.tolist() if step >= 0]
+    if bad:
+        raise NonFiniteLoss(task, task_index, min(bad), None)
 
 
 @dataclass(frozen=True)
 class TaskCost:
-    """What training one task took: optimizer steps and their floating-point operations."""
+    """What training one task took: optimizer steps and their floating-point operations (per
+    member)."""
 
     steps: int
     flops: int
 
 
-def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
-    """Train on the task at ``ctx.task_index`` for the protocol's budget.
+_STEP_HOOKS = ("batch", "loss", "penalty", "after_backward", "after_step", "predict")
+
+
+class ModelBackend:
+    """One member, one ordinary model: every hook runs on it directly."""
+
+    batched = False
+    """Whether members share one stacked job (their records say so, with its costs / K)."""
+
+    def __init__(self, ctxs: list[TrainContext], strategies: list[Strategy]) -> None:
+        if len(ctxs) != 1 and not self.batched:
+            raise ValueError("a ModelBackend trains one member; stack several with batched")
+        self.ctxs, self.strategies, self.k = ctxs, strategies, len(ctxs)
+        self.scenario, self.device = ctxs[0].scenario, ctxs[0].device
+        self.has = {hook: overrides(strategies[0], hook) for hook in _STEP_HOOKS}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.batches: list[Batch] = []
+        """Each member's stream minibatch of the current step, as drawn from its task (before
+        any ``batch`` hook): what the after-hooks receive."""
+
+    def sync(self) -> None:
+        """Make each member's ``ctx.model`` hold its current parameters (a stacked backend
+        trains its own copy of them)."""
+
+    def each(self, hook: str, *args: object) -> None:
+        """Run a hook of every member's strategy on its context, outside the step."""
+        self.sync()
+        for strategy, ctx in zip(self.strategies, self.ctxs, strict=True):
+            getattr(strategy, hook)(ctx, *args)
+
+    def set_task(self, index: int) -> None:
+        for ctx in self.ctxs:
+            ctx.task_index = index
+
+    def load(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """Load a state dict into each member's model (the learned transfer source)."""
+        for ctx, state in zip(self.ctxs, states, strict=True):
+            ctx.model.load_state_dict(state)
+
+    def begin_task(self, task: Task) -> list[TrainData]:
+        """``before_task`` and ``train_data`` of every member, then the optimizer; returns what
+        each member trains on."""
+        self.each("before_task", task)
+        data = [s.train_data(c, task, c.task_data(c.task_index))
+                for s, c in zip(self.strategies, self.ctxs, strict=True)]
+        if len({len(d) for d in data}) > 1:
+            raise RuntimeError("the members' strategies train on different numbers of samples")
+        for ctx in self.ctxs:
+            ctx.stop_task, ctx.task_size = False, len(data[0])
+        self.ready()
+        return data
+
+    def ready(self) -> None:
+        """The task's optimizer (rebuilt unless the protocol keeps one), the model in training
+        mode. The model is read after ``before_task``: a strategy may have replaced it."""
+        ctx, strategy, protocol = self.ctxs[0], self.strategies[0], self.scenario.protocol
+        if protocol.reset_optimizer or ctx.optimizer is None:
+            groups = (strategy.param_groups(ctx)
+                      or [p for p in ctx.model.parameters() if p.requires_grad])
+            ctx.optimizer = make_optimizer(protocol, groups)
+        self.optimizer = ctx.optimizer
+        ctx.model.train()
+
+    def forward_backward(self, data: list[TrainData], idx: tuple[torch.Tensor, ...]
+                         ) -> torch.Tensor:
+        """One step's gradients; returns each member's loss (detached)."""
+        ctx, strategy, has = self.ctxs[0], self.strategies[0], self.has
+        with autocast(self.scenario.protocol, self.device):
+            stream = ctx.make_batch(data[0], idx[0], augment=True)
+            batch = strategy.batch(ctx, stream) if has["batch"] else stream
+            logits = ctx.logits(batch)
+            loss = strategy.loss(ctx, batch, logits) if has["loss"] else ctx.loss(logits, batch)
+            if has["penalty"]:
+                extra = strategy.penalty(ctx, batch, logits)
+                if extra is not None:
+                    loss = loss + extra
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.batches = [stream]
+        return loss.detach()
+
+    def after_backward(self) -> None:
+        if self.has["after_backward"]:
+            self.strategies[0].after_backward(self.ctxs[0], self.batches[0])
+
+    def after_step(self) -> None:
+        """After the optimizer step (and ``ctx.step`` counted it)."""
+        if self.has["after_step"]:
+            for strategy, ctx, batch in zip(self.strategies, self.ctxs, self.batches,
+                                            strict=True):
+                strategy.after_step(ctx, batch)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        model = self.ctxs[0].model
+        was_training = model.training
+        model.eval()
+        yield
+        model.train(was_training)
+
+    def scores(self, batch: Batch, predict: bool) -> torch.Tensor:
+        """What the objective scores on a test batch: the strategy's ``predict`` scores (with
+        `predict`, where it has its own), else the masked logits; stacked: (K, B, ...)."""
+        ctx, strategy = self.ctxs[0], self.strategies[0]
+        with autocast(self.scenario.protocol, self.device):
+            if predict and self.has["predict"]:
+                return strategy.predict(ctx, batch)
+            return ctx.logits(batch)
+
+
+def run_task(backend: ModelBackend, task: Task) -> TaskCost:
+    """Train every member of `backend` on the task at its ``ctx.task_index`` for the protocol's
+    budget.
 
     With ``iterations`` every strategy takes exactly that many steps. With ``epochs``, an epoch
     is one pass over the data the strategy trains on: the task's own data for all but
@@ -105,101 +225,89 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     cumulative training does in the literature, and its cost shows it).
 
     A hook may end the task early by setting ``ctx.stop_task`` (the steps taken are
-    reported). FLOPs are counted once per task, on its first step (forward, penalty and backward,
-    replayed samples included), and multiplied by the number of steps; work a strategy does
-    outside the step (a Fisher estimate, a buffer update) is not counted.
+    reported). FLOPs are counted once per task over its whole first step (batch, forward,
+    penalty, backward, after_backward, optimizer step, after_step: replayed samples and
+    reference gradients included) and multiplied by the number of steps; work a strategy does
+    outside the step (a Fisher estimate, a buffer rebuilt at a task's end) is not counted.
     """
-    protocol = ctx.scenario.protocol
-    has_batch = overrides(strategy, "batch")
-    has_loss = overrides(strategy, "loss")
-    has_penalty = overrides(strategy, "penalty")
-    has_after_backward = overrides(strategy, "after_backward")
-    has_after_step = overrides(strategy, "after_step")
+    ctxs, protocol, device = backend.ctxs, backend.scenario.protocol, backend.device
+    index = ctxs[0].task_index
+    data = backend.begin_task(task)
+    size = len(data[0])
+    steps = protocol.steps(size)
+    orders = [minibatch_indices(size, protocol.batch_size, steps, c.batch_generator, device)
+              for c in ctxs]
+    # Accelerator: each member's first step whose loss was not finite (-1: none), on the device.
+    first_bad = (None if reads_are_free(device)
+                 else torch.full((backend.k,), -1, dtype=torch.long, device=device))
 
-    strategy.before_task(ctx, task)
-    model = ctx.model  # read after before_task: a strategy may grow the model (a new column)
-    ctx.stop_task = False
-    data = strategy.train_data(ctx, task, ctx.task_data(ctx.task_index))
-    ctx.task_size = len(data)
-    if protocol.reset_optimizer or ctx.optimizer is None:
-        groups = strategy.param_groups(ctx) or [p for p in model.parameters() if p.requires_grad]
-        ctx.optimizer = make_optimizer(protocol, groups)
-    optimizer = ctx.optimizer
+    def step(i: int, idx: tuple[torch.Tensor, ...]) -> None:
+        nonlocal first_bad
+        losses = backend.forward_backward(data, idx)
+        if first_bad is None:
+            for value in losses.view(-1).tolist():
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(task, index, i, value)
+        else:
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), i, first_bad)
+            if (i + 1) % NONFINITE_CHECK_EVERY == 0:
+                _check_flags(first_bad, task, index)
+        backend.after_backward()
+        assert backend.optimizer is not None
+        backend.optimizer.step()
+        for ctx in ctxs:
+            ctx.step += 1
+        backend.after_step()
 
-    def forward_backward(idx: torch.Tensor) -> torch.Tensor:
-        with autocast(protocol, ctx.device):
-            batch = ctx.make_batch(data, idx, augment=True)
-            if has_batch:
-                batch = strategy.batch(ctx, batch)
-            logits = ctx.logits(batch)
-            loss = strategy.loss(ctx, batch, logits) if has_loss else ctx.loss(logits, batch)
-            if has_penalty:
-                extra = strategy.penalty(ctx, batch, logits)
-                if extra is not None:
-                    loss = loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach()
-
-    steps = protocol.steps(len(data))
-    step_flops = 0
-    # Accelerator: the first step whose loss was not finite (-1: none), kept on the device.
-    first_bad = (None if reads_are_free(ctx.device)
-                 else torch.full((), -1, dtype=torch.long, device=ctx.device))
-    model.train()
-    done = 0
-    for i, idx in enumerate(minibatch_indices(len(data), protocol.batch_size, steps,
-                                              ctx.batch_generator, ctx.device)):
+    step_flops, done = 0, 0
+    for i, idx in enumerate(zip(*orders, strict=True)):
         if i == 0:
             with FlopCounterMode(display=False) as counter:
-                loss = forward_backward(idx)
-            step_flops = counter.get_total_flops()
+                step(i, idx)
+            step_flops = counter.get_total_flops() // backend.k
         else:
-            loss = forward_backward(idx)
-        if first_bad is None:
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLoss(task, ctx.task_index, i, value)
-        else:
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
-            if (i + 1) % NONFINITE_CHECK_EVERY == 0:
-                _check_flag(first_bad, task, ctx.task_index)
-        if has_after_backward:
-            strategy.after_backward(ctx)
-        optimizer.step()
-        ctx.step += 1
+            step(i, idx)
         done = i + 1
-        if has_after_step:
-            strategy.after_step(ctx)
-        if ctx.stop_task:
+        if any(ctx.stop_task for ctx in ctxs):
             break
     if first_bad is not None:
-        _check_flag(first_bad, task, ctx.task_index)
-    strategy.after_task(ctx, task)
+        _check_flags(first_bad, task, index)
+    backend.each("after_task", task)
     return TaskCost(done, step_flops * done)
 
 
-@torch.inference_mode()
-def evaluate(ctx: TrainContext, strategy: Strategy | None = None) -> list[float]:
-    """Test accuracy on every task of the scenario: one row of R (as of ``ctx.task_index``).
+def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
+    """Train one model on the task at ``ctx.task_index`` (see `run_task`)."""
+    return run_task(ModelBackend([ctx], [strategy]), task)
 
-    Predictions are the argmax of the strategy's ``predict`` scores (the masked logits unless
-    the strategy classifies differently)."""
-    scenario, model = ctx.scenario, ctx.model
-    predict = strategy.predict if strategy and overrides(strategy, "predict") else None
-    was_training = model.training
-    model.eval()
-    correct = []
-    size = scenario.protocol.eval_batch_size
-    for i in range(len(scenario.tasks)):
-        data = ctx.task_data(i, "test")
-        hits = torch.zeros((), dtype=torch.long, device=ctx.device)
-        for start in range(0, len(data), size):
-            batch = ctx.make_batch(data, slice(start, start + size))
-            with autocast(scenario.protocol, ctx.device):
-                scores = predict(ctx, batch) if predict else ctx.logits(batch)
-            hits += (scores.argmax(1) == batch.y).sum()
-        correct.append(hits)
-    counts = torch.stack(correct).tolist()  # the one host sync of an evaluation
-    model.train(was_training)
-    return [c / len(t.y_test) for c, t in zip(counts, scenario.tasks, strict=True)]
+
+@torch.inference_mode()
+def evaluate_members(backend: ModelBackend, predict: bool = True
+                     ) -> list[dict[str, list[float]]]:
+    """Each member's row of R (key ``"R"``) and of every matrix its scenario's objective keeps,
+    as of ``ctx.task_index``, with one host sync. `predict`: use the strategies' ``predict``."""
+    scenario, ctx = backend.scenario, backend.ctxs[0]
+    objective, size = scenario.objective, scenario.protocol.eval_batch_size
+    sums = []
+    with backend.evaluating():
+        for i in range(len(scenario.tasks)):
+            data = ctx.task_data(i, "test")
+            parts = []
+            for start in range(0, len(data), size):
+                batch = ctx.make_batch(data, slice(start, start + size))
+                parts.append(objective.measure(backend.scores(batch, predict), batch.y))
+            sums.append(sum(parts[1:], parts[0]))
+    table = torch.stack(sums, -2).view(backend.k, len(sums), -1).tolist()  # the one host sync
+    rows = []
+    for member in table:
+        scores = [objective.summarise(task_sums) for task_sums in member]
+        rows.append({"R": [score for score, _ in scores],
+                     **{name: [extra[name] for _, extra in scores] for name in objective.matrices}})
+    return rows
+
+
+def evaluate(ctx: TrainContext, strategy: Strategy | None = None) -> list[float]:
+    """One model's row of R: its score on every task (as of ``ctx.task_index``), predicting
+    with the strategy's ``predict`` where it has one."""
+    backend = ModelBackend([ctx], [strategy or Strategy()])
+    return evaluate_members(backend, predict=strategy is not None)[0]["R"]

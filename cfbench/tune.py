@@ -11,21 +11,24 @@
    others). Each of these records carries ``selection``, saying how its values were chosen.
 
 Validation runs are stored apart from the reported ones (`validation_store`), so a leaderboard
-over the main store never mixes validation and test accuracies.
+over the main store never mixes validation and test accuracies. Both phases take the one run
+path (`cfbench.runs.run_plan`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cfbench.errors import CfbenchError
 from cfbench.records import RunConfig, RunRecord
-from cfbench.sweep import PlannedRun, SweepFile, plan
+from cfbench.runs import PlannedRun, RunOptions, Sink, check_stored, run_plan
+from cfbench.sweep import dry_run_table, plan
+from cfbench.sweepfile import SweepFile
 from cfbench.validation import validation_split
 
 CRITERION = "final ACC on validation, mean over the tuning seeds"
@@ -146,12 +149,14 @@ def selection_entry(tune: TunePlan, choice: Choice) -> dict[str, Any]:
 
 
 def final_runs(tune: TunePlan, choices: Mapping[str, Choice]) -> list[PlannedRun]:
-    """The reported runs: each group's chosen point on the report seeds."""
-    return [r for r in tune.report
-            if choices[group_key(r.config)].candidate == candidate_key(r.config)]
+    """The reported runs: each group's chosen point on the report seeds, with the selection
+    their records carry."""
+    return [dataclasses.replace(r, selection=selection_entry(tune, choice))
+            for r in tune.report
+            if (choice := choices[group_key(r.config)]).candidate == candidate_key(r.config)]
 
 
-def choice_lines(choices: Sequence[Choice]) -> list[str]:
+def choice_lines(choices: Iterable[Choice]) -> list[str]:
     lines = []
     for c in choices:
         if c.candidate is None:
@@ -163,3 +168,25 @@ def choice_lines(choices: Sequence[Choice]) -> list[str]:
         lines.append(f"{c.label}: {values}  validation ACC {100 * c.score:.2f}% "
                      f"({c.candidates} candidate(s){skipped})")
     return lines
+
+
+def tune(sweep: SweepFile, data_root: Path, store: Path, options: RunOptions, *,
+         out: str | Path | None = None, dry_run: bool = False) -> bool:
+    """Plan both phases, run the validation runs into `validation_store(store)`, choose, and run
+    the chosen values into `store`. True when every run succeeded and every group got a choice."""
+    planned = plan_tune(sweep, data_root)
+    with Sink(out, validation_store(store)) as val, Sink(out, store) as test:
+        if dry_run:
+            options.report(dry_run_table(planned.tuning, val.stored()) + "then the chosen "
+                           f"values on seeds {list(sweep.seeds)} ({test.where})")
+            return True
+        for runs, sink in ((planned.tuning, val), (planned.report, test)):  # before any run
+            check_stored(runs, sink, options.resume)
+        tuning = run_plan(planned.tuning, val, f"{sweep.name} (validation)", options)
+        choices = select(planned, {r.run_id: r for r in tuning.records()})
+        options.report("\n  ".join(["chosen on validation:", *choice_lines(choices.values())]))
+        reported = run_plan(final_runs(planned, choices), test,
+                            f"{sweep.name} (test split, chosen values)", options)
+    options.report(f"tables: cfbench leaderboard --store {store}")
+    unchosen = any(c.candidate is None for c in choices.values())
+    return not (tuning.failed or reported.failed or unchosen)

@@ -5,22 +5,22 @@ All three leave the parameters that earlier tasks rely on untouched and train ne
 **One parameter set per task.** In the task setting each strategy adds a set of new parameters
 for every task (LoRA's low-rank pairs, an adapter's projections, a progressive column) and each
 sample goes through the set of *its own* task. The model's forward only receives inputs, so the
-task ids travel through a `Routing` object shared by the new modules: the strategy's ``batch``
-and ``predict`` hooks put the batch's task column there, ``after_backward`` clears it, and a
-forward pass without ids (another strategy's own pass, a user's loop) uses the set of the task
-being trained for every sample. Selection is vectorised: all sets run side by side as one wider
-layer and each sample's hidden units outside its own set are zeroed, so its output depends on
-its own set only (the others add exact zeros) at the cost of running every set. A composed
-strategy that adds samples to a batch (replay) must come *before* these in the spec
-(``replay+lora``), so that the ids cover the whole batch; a mismatch is an error, never a
-silent misrouting.
+new modules read the task ids of the batch being forwarded from ``cfbench.strategy.
+forward_tasks``, which ``TrainContext.forward`` (and so ``ctx.logits``) sets for the length of
+each forward pass: the loop's, the evaluator's, a teacher's, one on replayed memory samples each
+route by their own batch, whatever the order of a composition (``lora+replay`` is
+``replay+lora``). A forward pass outside it (``model(x)`` in a user's loop) uses the set of the
+task being trained for every sample. Selection is vectorised: all sets run side by side as one
+wider layer and each sample's hidden units outside its own set are zeroed, so its output depends
+on its own set only (the others add exact zeros) at the cost of running every set.
 
 **A frozen base.** LoRA and adapters freeze every parameter of the backbone (``requires_grad``
 off: no gradient, so no optimizer touches them; they stay bitwise unchanged) except, by default,
 the head, and keep its batch-norm layers in eval mode while training: they normalise with their
 stored statistics, which therefore stay unchanged too (otherwise each new task's data would move
 the statistics and change what earlier tasks' adapters see). The loop puts the model in train
-mode when a task starts, so the ``batch`` hook sets those layers back to eval before each step.
+mode when a task starts, so those layers carry a forward pre-hook that puts them back in eval
+mode at every forward pass (``cfbench.models.hold_in_eval``).
 
 New parameters are drawn from ``ctx.generator`` (Kaiming-uniform, bound 1/sqrt(fan_in), the
 ``nn.Linear`` default), never from the global RNG; LoRA's and the adapters' matrices that map
@@ -46,29 +46,26 @@ from cfbench.errors import CfbenchError
 from cfbench.models import BasicBlock, has_running_stats, hold_in_eval, split_head
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task
-from cfbench.strategy import Batch, Strategy, TrainContext
+from cfbench.strategy import Strategy, TrainContext, forward_tasks
 
 
 class Routing:
-    """Which task's parameter set each sample of the next forward passes goes through.
-
-    `ids` holds one task index per sample (None: every sample uses task `default`); `generator`
-    draws the adapters' dropout masks on the model's device.
-    """
+    """How the new modules pick a parameter set: per sample by task (`per_task`, from
+    ``forward_tasks``) or set `default` for every sample; `generator` draws the adapters'
+    dropout masks on the model's device."""
 
     def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None
+        self.per_task = True
         self.default = 0
         self.generator: torch.Generator | None = None
 
     def task_ids(self, n: int) -> torch.Tensor | None:
         """The ids for a forward pass over `n` samples (None: use `default` for all)."""
-        if self.ids is not None and len(self.ids) != n:
-            raise CfbenchError(
-                f"per-task parameters were routed for a batch of {len(self.ids)} samples but the "
-                f"model got {n}: in a composition, put strategies that add samples to a batch "
-                "before lora, adapter or progressive (e.g. replay+lora)")
-        return self.ids
+        ids = forward_tasks() if self.per_task else None
+        if ids is not None and len(ids) != n:
+            raise CfbenchError(f"a per-task module got {n} samples inside the forward pass of "
+                               f"a batch of {len(ids)}; call the model on the batch's inputs")
+        return ids
 
 
 def kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator,
@@ -192,29 +189,11 @@ class Branched(nn.Module):
 
 
 class Routed(Strategy):
-    """The hooks lora, adapter and progressive share: per-sample routing by task, frozen batch
-    norms kept in eval mode, and parameter groups of what is trainable now."""
+    """What lora, adapter and progressive share: the routing their new modules read, and
+    parameter groups of what is trainable now."""
 
     def __init__(self) -> None:
         self.routing = Routing()
-        self.per_task = True
-        self.frozen_norms: list[nn.Module] = []
-
-    def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
-        hold_in_eval(self.frozen_norms)
-        if self.per_task:
-            self.routing.ids = batch.task
-        return batch
-
-    def after_backward(self, ctx: TrainContext) -> None:
-        self.routing.ids = None
-
-    def predict(self, ctx: TrainContext, batch: Batch) -> torch.Tensor:
-        self.routing.ids = batch.task if self.per_task else None
-        try:
-            return ctx.logits(batch)
-        finally:
-            self.routing.ids = None
 
     def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
         """Everything trainable now (new parameters appear per task; see the module doc)."""
@@ -241,14 +220,16 @@ class FrozenBase(Routed):
         head = split_head(model)[1]
         model.requires_grad_(False)
         head.requires_grad_(self.train_head)
-        self.per_task = ctx.setting.name == "task"
+        self.routing.per_task = ctx.setting.name == "task"
         wraps = self.wraps(ctx, head)
         # Innermost first, so that wrapping a module never moves one still to be wrapped.
         for name, wrapper in sorted(wraps, key=lambda w: w[0].count("."), reverse=True):
             model.set_submodule(name, wrapper.to(ctx.device))
         self.branches = [w.branch for _, w in sorted(wraps, key=lambda w: w[0])]
-        self.frozen_norms = [m for m in model.modules() if has_running_stats(m)]
-        if not self.per_task:
+        for module in model.modules():
+            if has_running_stats(module):
+                hold_in_eval(module)
+        if not self.routing.per_task:
             self.add_sets(ctx, 0)
         ctx.log[self.name] = {"modules": sorted(n for n, _ in wraps),
                               "params_per_set": sum(b.set_size() for b in self.branches)}
@@ -262,7 +243,7 @@ class FrozenBase(Routed):
         self.routing.default = task_index
 
     def before_task(self, ctx: TrainContext, task: Task) -> None:
-        if self.per_task:
+        if self.routing.per_task:
             self.add_sets(ctx, ctx.task_index)
 
     def state_bytes(self) -> int:

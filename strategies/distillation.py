@@ -6,9 +6,6 @@ No old data is kept; the state is the teacher, one copy of the model.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,85 +14,11 @@ from cfbench.errors import CfbenchError
 from cfbench.models import split_head
 from cfbench.registry import register_strategy
 from cfbench.scenario import Setting, Task
-from cfbench.strategy import Batch, Strategy, TrainContext
+from cfbench.strategy import Batch, Stacked, Strategy, TrainContext
+from cfbench.taps import Tap, frozen_copy, module_bytes
 
 HEAD_INPUT = "<head input>"
 """The point feature distillation matches by default: the feature extractor's output."""
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A snapshot of `model` with its own detached tensors: eval mode, no gradients, no hooks.
-
-    Forward hooks stay behind: a copied hook would keep writing into whatever the original's
-    hook writes into (another strategy's tap), and copying a bound-method hook would copy its
-    owner. Pre-seeding deepcopy's memo with empty dicts leaves them out without touching them.
-    """
-    memo = {id(hooks): type(hooks)() for module in model.modules()
-            for name, hooks in vars(module).items()
-            if name.startswith("_forward") and "hooks" in name}
-    teacher = copy.deepcopy(model, memo)
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-def module_bytes(module: nn.Module | None) -> int:
-    """Bytes of a module's parameters and buffers (0 for None)."""
-    if module is None:
-        return 0
-    return sum(t.element_size() * t.numel()
-               for t in (*module.parameters(), *module.buffers()))
-
-
-class Tap:
-    """The outputs (or inputs) of chosen submodules in a model's latest forward pass.
-
-    The training step's own forward fills it, so reading costs nothing; `read` runs the model
-    again when that forward was on another input (a composed strategy ran one since), or ran
-    without gradient where the reader needs one (a composed strategy's no-grad pass).
-    `points` maps a name to (module, True to take its input / False to take its output).
-    """
-
-    def __init__(self, model: nn.Module, points: Mapping[str, tuple[nn.Module, bool]]) -> None:
-        self.model = model
-        self.values: dict[str, torch.Tensor] = {}
-        self._source: torch.Tensor | None = None
-        self._with_grad = False
-        self._names = tuple(points)
-
-        def start(module: nn.Module, args: tuple) -> None:
-            self.values.clear()
-            self._source = args[0] if args else None
-            self._with_grad = torch.is_grad_enabled()
-
-        def keep(name: str, take_input: bool):
-            if take_input:
-                return lambda module, args: self.values.__setitem__(name, args[0])
-            return lambda module, args, out: self.values.__setitem__(name, out)
-
-        self._handles = [model.register_forward_pre_hook(start)]
-        for name, (module, take_input) in points.items():
-            register = module.register_forward_pre_hook if take_input \
-                else module.register_forward_hook
-            self._handles.append(register(keep(name, take_input)))
-
-    def read(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tapped tensors of the model applied to `x` (reusing the last forward if on x)."""
-        if self._source is not x or (torch.is_grad_enabled() and not self._with_grad):
-            self.model(x)
-        missing = [n for n in self._names if n not in self.values]
-        if missing:
-            raise CfbenchError(f"layer(s) {', '.join(missing)} took no part in the forward pass; "
-                               "choose modules the model calls")
-        return self.values
-
-    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Apply the model to `x` and return the tapped tensors."""
-        self.model(x)
-        return self.read(x)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def old_unit_groups(setting: Setting, task_index: int) -> torch.Tensor:
@@ -117,15 +40,22 @@ def grouped_kl(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tenso
                temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), each softmax over one group's units,
     summed over groups and averaged over the batch. Zero exactly when the logits agree."""
-    hidden = ~groups  # (groups, units), broadcast against (batch, 1, units)
+    return temperature ** 2 * _batch_kl(student, teacher, groups, temperature)
+
+
+def _batch_kl(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor,
+              temperature: float | torch.Tensor) -> torch.Tensor:
+    """`grouped_kl` without the T^2 factor; leading dimensions before (batch, units) are
+    stacked members, whose temperatures broadcast as (K, 1, 1)."""
+    hidden = ~groups  # (groups, units), broadcast against (..., batch, 1, units)
 
     def log_probs(logits: torch.Tensor) -> torch.Tensor:
-        scaled = (logits / temperature).unsqueeze(1).masked_fill(hidden, float("-inf"))
+        scaled = (logits / temperature).unsqueeze(-2).masked_fill(hidden, float("-inf"))
         return scaled.log_softmax(-1).masked_fill(hidden, 0.0)  # no -inf left to make NaNs
 
     target = log_probs(teacher)
-    kl = (target.exp().masked_fill(hidden, 0.0) * (target - log_probs(student))).sum((1, 2))
-    return temperature ** 2 * kl.mean()
+    kl = (target.exp().masked_fill(hidden, 0.0) * (target - log_probs(student))).sum((-2, -1))
+    return kl.mean(-1)
 
 
 class _Distiller(Strategy):
@@ -160,9 +90,9 @@ class _Distiller(Strategy):
         if self._taps is None:
             return None
         student_tap, teacher_tap = self._taps
-        student = student_tap.read(batch.x)
+        student = student_tap.read(batch)
         with torch.no_grad():
-            teacher = teacher_tap.run(batch.x)
+            teacher = teacher_tap.run(batch)
         return self.alpha * self.distance(student, teacher)
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:
@@ -173,6 +103,37 @@ class _Distiller(Strategy):
 
     def state_bytes(self) -> int:
         return module_bytes(self.teacher)
+
+
+class _StackedLwF(Stacked):
+    """LwF's penalty for K stacked members: each member's teacher (taken by its own strategy
+    object in ``before_task``) stacked and run on that member's batch, with its own alpha and
+    temperature, multiplied in the single run's order."""
+
+    members: list[LwF]
+
+    def start_task(self) -> None:
+        members, job = self.members, self.job
+        self.teacher: dict[str, torch.Tensor] | None = None
+        if any(m.teacher is None for m in members):  # no teacher before the second task
+            return
+        self.teacher = {n: torch.stack([m.teacher.get_parameter(n) for m in members])
+                        for n in job.params}
+        self.groups = old_unit_groups(job.setting, job.ctxs[0].task_index)
+        temperatures = [m.temperature for m in members]
+        # One temperature for all divides by a Python number, as a single run does.
+        self.temperature = (temperatures[0] if len(set(temperatures)) == 1 else
+                            torch.tensor(temperatures, device=job.device).view(-1, 1, 1))
+        self.alpha, self.squared = (torch.tensor(v, device=job.device) for v in (
+            [m.alpha for m in members], [t ** 2 for t in temperatures]))
+
+    def penalty(self, x: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            target = self.job.forward(self.teacher, x)
+        return self.alpha * (self.squared * _batch_kl(outputs, target, self.groups,
+                                                      self.temperature))
 
 
 @register_strategy("lwf", family="distillation",
@@ -194,6 +155,8 @@ class LwF(_Distiller):
     temperature: of the softened softmax (Hinton et al. 2015); 2 as in Li & Hoiem. Higher T
         transfers more of the teacher's ranking of the unlikely classes.
     """
+
+    stacked = _StackedLwF
 
     def __init__(self, *, alpha: float = 1.0, temperature: float = 2.0) -> None:
         super().__init__(alpha)

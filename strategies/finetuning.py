@@ -16,8 +16,8 @@ at depth 1, the first layer at depth ``len(layers) - 1``.
 optimizer nor its weight decay touch them: they stay bitwise unchanged), and a normalisation
 layer whose parameters are all frozen runs in eval mode while training (normalising with its
 running statistics, which then stay unchanged too). The loop puts the whole model in train mode
-when a task starts, so these strategies set their frozen norm layers back to eval in the
-``batch`` hook, before each forward pass.
+when a task starts, so a frozen norm layer carries a forward pre-hook that puts it back in eval
+mode at every forward pass (``cfbench.models.hold_in_eval``).
 
 **Epochs.** Strategies that count in epochs or need a task's step budget read
 ``ctx.task_size``, the samples the task trains on once every part's ``train_data`` has run (so
@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from cfbench.errors import CfbenchError
 from cfbench.models import has_running_stats, hold_in_eval, split_head
@@ -51,14 +52,22 @@ def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class _Freezing(Strategy):
-    """Keeps the normalisation layers listed in `still` in eval mode during training."""
+    """Keeps the frozen normalisation layers it holds in eval mode at every forward pass."""
 
     def __init__(self) -> None:
-        self.still: list[nn.Module] = []
+        self.held: dict[nn.Module, RemovableHandle] = {}
 
-    def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
-        hold_in_eval(self.still)
-        return batch
+    def hold(self, modules: list[nn.Module]) -> None:
+        for module in modules:
+            if module not in self.held:
+                self.held[module] = hold_in_eval(module)
+
+    def release(self, module: nn.Module) -> None:
+        """Let a layer train again (it was unfrozen), in train mode from now on."""
+        handle = self.held.pop(module, None)
+        if handle is not None:
+            handle.remove()
+            module.train()
 
 
 @register_strategy("freeze", family=FAMILY,
@@ -124,7 +133,7 @@ class Freeze(_Freezing):
         if ctx.task_index >= self.from_task:
             for p in self.frozen.values():
                 p.requires_grad_(False)
-            self.still = self._norms
+            self.hold(self._norms)
 
     def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
         frozen = self.frozen if ctx.task_index >= self.from_task else {}
@@ -161,7 +170,7 @@ class GradualUnfreeze(_Freezing):
         for layer in self._body:
             for p in layer.parameters(recurse=False):
                 p.requires_grad_(False)
-        self.still = [m for m in self._body if has_running_stats(m)]
+        self.hold([m for m in self._body if has_running_stats(m)])
         self._done = 0
 
     def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
@@ -169,16 +178,14 @@ class GradualUnfreeze(_Freezing):
         self._period = self.every * (per_epoch if self.unit == "epochs" else 1)
         return [{"params": list(ctx.model.parameters())}]
 
-    def after_step(self, ctx: TrainContext) -> None:
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         self._done += 1
         opened, due = divmod(self._done, self._period)
         if due == 0 and opened <= len(self._body):
             layer = self._body[opened - 1]
             for p in layer.parameters(recurse=False):
                 p.requires_grad_(True)
-            if layer in self.still:
-                self.still.remove(layer)
-                layer.train()
+            self.release(layer)
 
 
 @register_strategy("layerwise-lr", family=FAMILY,
@@ -259,8 +266,8 @@ class Warmup(Strategy):
     def before_task(self, ctx: TrainContext, task: Task) -> None:
         self._k = 0
 
-    def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
-        """Sets the rate of the step about to be taken (the optimizer exists from the first)."""
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
+        """Sets the rate of the step about to be taken."""
         assert ctx.optimizer is not None
         total = ctx.scenario.protocol.steps(ctx.task_size)
         factor = warmup_factor(self._k, self.steps, self.start_factor, total,
@@ -268,7 +275,6 @@ class Warmup(Strategy):
         for group in ctx.optimizer.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         self._k += 1
-        return batch
 
 
 def stratified_holdout(data: TrainData, fraction: float, generator: torch.Generator
@@ -379,7 +385,7 @@ class EarlyStop(Strategy):
         counts = torch.stack(hits).tolist()
         return sum(c / len(d) for c, d in zip(counts, self._watch, strict=True)) / len(counts)
 
-    def after_step(self, ctx: TrainContext) -> None:
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         if not self._watch:
             return
         self._done += 1

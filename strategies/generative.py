@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Literal
 
@@ -13,7 +14,7 @@ from torch import nn
 from cfbench.models import mlp
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task, apply_mask
-from cfbench.strategy import Batch, Strategy, TrainContext
+from cfbench.strategy import Batch, Strategy, TrainContext, routed_by
 
 
 class VAE(nn.Module):
@@ -55,6 +56,17 @@ def generate(decoder: nn.Module, latent: int, n: int, rng: torch.Generator) -> t
     """`n` flattened images in [0, 1]: the decoder's pixel means at z ~ N(0, I)."""
     device = next(decoder.parameters()).device
     return torch.sigmoid(decoder(torch.randn(n, latent, generator=rng, device=device)))
+
+
+@dataclasses.dataclass
+class ReplayedBatch(Batch):
+    """A minibatch with generated rows, and what the replay loss needs to know about them: which
+    rows they are and (targets="soft") the teacher's tempered distributions over them. A
+    composed part that appends rows keeps this type (``dataclasses.replace``), so the rows it
+    adds count as current samples."""
+
+    replayed: slice
+    soft_targets: torch.Tensor | None
 
 
 def _bytes(module: nn.Module) -> int:
@@ -123,9 +135,6 @@ class GenerativeReplay(Strategy):
         self.rng: torch.Generator | None = None
         self.teacher: nn.Module | None = None
         self._first_step = 0
-        self._replayed = slice(0, 0)
-        # The last replayed rows' tempered teacher distributions (targets="soft" only).
-        self.soft_targets: torch.Tensor | None = None
 
     def setup(self, ctx: TrainContext) -> None:
         seed = int(torch.randint(2**62, (), generator=ctx.generator))
@@ -156,28 +165,28 @@ class GenerativeReplay(Strategy):
         pixels = generate(self.vae.decoder, self.latent, n, self.rng)
         x = scenario.normalise(pixels.view(n, *scenario.input_shape))
         task = torch.randint(ctx.task_index, (n,), generator=self.rng, device=ctx.device)
-        with torch.no_grad():
+        with torch.no_grad(), routed_by(task):
             scores = apply_mask(self.teacher(x), self._old_units(ctx, task))
-        if self.targets == "soft":
-            self.soft_targets = torch.softmax(scores / self.temperature, dim=1)
-        self._replayed = slice(len(batch.y), len(batch.y) + n)
-        return Batch(torch.cat((batch.x, x)), torch.cat((batch.y, scores.argmax(1))),
-                     torch.cat((batch.task, task)))
+        soft = torch.softmax(scores / self.temperature, dim=1) if self.targets == "soft" else None
+        return ReplayedBatch(torch.cat((batch.x, x)), torch.cat((batch.y, scores.argmax(1))),
+                             torch.cat((batch.task, task)), slice(len(batch.y), len(batch.y) + n),
+                             soft)
 
     def loss(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """1/t * CE on the task's samples + (t-1)/t * replay loss (rows added by `batch`;
         rows another composed strategy appends after them count as current samples)."""
-        if self.teacher is None:
+        if not isinstance(batch, ReplayedBatch):
             return ctx.loss(logits, batch)
-        r = self._replayed
+        r = batch.replayed
         current = F.cross_entropy(torch.cat((logits[:r.start], logits[r.stop:])),
                                   torch.cat((batch.y[:r.start], batch.y[r.stop:])))
         if self.targets == "hard":
             replay = F.cross_entropy(logits[r], batch.y[r])
         else:
             log_q = F.log_softmax(logits[r] / self.temperature, dim=1)
-            log_q = log_q.masked_fill(self.soft_targets == 0, 0.0)  # 0 * -inf on masked units
-            replay = self.temperature**2 * -(self.soft_targets * log_q).sum(1).mean()
+            soft = batch.soft_targets
+            log_q = log_q.masked_fill(soft == 0, 0.0)  # 0 * -inf on masked units
+            replay = self.temperature**2 * -(soft * log_q).sum(1).mean()
         t = ctx.task_index + 1
         return current / t + replay * (t - 1) / t
 

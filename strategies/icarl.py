@@ -10,8 +10,8 @@ from cfbench.errors import CfbenchError
 from cfbench.models import split_head
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task
-from cfbench.strategies.distillation import frozen_copy, module_bytes
 from cfbench.strategy import Batch, Strategy, TrainContext, TrainData
+from cfbench.taps import frozen_copy, module_bytes
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:
@@ -104,7 +104,7 @@ class ICaRL(Strategy):
         targets = F.one_hot(batch.y, ctx.setting.n_outputs)[:, self._seen].float()
         if self.teacher is not None:
             with torch.no_grad():
-                previous = torch.sigmoid(self.teacher(batch.x)[:, self._seen])
+                previous = torch.sigmoid(ctx.forward(batch, self.teacher)[:, self._seen])
             targets = torch.where(self._old, previous, targets)
         return F.binary_cross_entropy_with_logits(logits[:, self._seen], targets,
                                                   reduction="none").sum(1).mean()

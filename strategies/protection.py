@@ -50,7 +50,7 @@ from torch import nn
 
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task
-from cfbench.strategy import Strategy, TrainContext
+from cfbench.strategy import Batch, Strategy, TrainContext
 
 Params = dict[str, torch.Tensor]
 
@@ -152,7 +152,7 @@ class GradientProtection(Strategy):
         self.params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
         self.estimator.reset(self.params)
 
-    def after_backward(self, ctx: TrainContext) -> None:
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
         grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
         self.estimator.update(grads)
         if self.damp == "gradient":
@@ -163,7 +163,7 @@ class GradientProtection(Strategy):
             self.before = {n: self.params[n].detach().clone() for n in grads
                            if n in self.factor}
 
-    def after_step(self, ctx: TrainContext) -> None:
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         """``damp="update"``: theta <- theta - (1 - f) * (theta - theta_before); elements with
         f = 1 keep the optimizer's value bit for bit."""
         with torch.no_grad():

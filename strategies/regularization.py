@@ -36,7 +36,7 @@ from torch.func import functional_call, grad, vmap
 from cfbench.models import split_head
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task, apply_mask
-from cfbench.strategy import Batch, Strategy, TrainContext
+from cfbench.strategy import Batch, Stacked, Strategy, TrainContext
 
 Params = dict[str, torch.Tensor]
 
@@ -57,9 +57,37 @@ def _decay(gamma: float) -> float:
     return gamma
 
 
+def _stack(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per-member tensors (a parameter's shape, or 0-d constants) stacked to broadcast against
+    the stacked parameter `like` (K, ...)."""
+    stacked = torch.stack(values)
+    return stacked.view(len(values), *[1] * (like.dim() - stacked.dim()), *values[0].shape)
+
+
+class _StackedQuadratic(Stacked):
+    """``Quadratic.after_backward`` for K stacked members: grad += lam * Omega * (p - anchor),
+    each member's lam, importance and anchor stacked once per task. lam is folded into Omega,
+    which rounds as ``addcmul``'s `value` does (a member with lam = 0 adds zeros)."""
+
+    members: list[Quadratic]
+
+    def start_task(self) -> None:
+        params, members = self.job.params, self.members
+        self.terms = [] if all(m.lam == 0 for m in members) else [
+            (params[n], _stack([m.lam * m.importance[n] for m in members], params[n]),
+             _stack([m.anchor[n] for m in members], params[n])) for n in members[0].importance]
+
+    def after_backward(self) -> None:
+        for p, scaled, anchor in self.terms:
+            if p.grad is not None:
+                p.grad.addcmul_(scaled, p.detach() - anchor)
+
+
 class Quadratic(Strategy):
     """The shared mechanism: lam/2 * sum Omega (theta - theta*)^2, consolidated after each task
     by the separate merge (`gamma=None`) or the online rule with decay `gamma`."""
+
+    stacked = _StackedQuadratic
 
     def __init__(self, lam: float, gamma: float | None) -> None:
         if not lam >= 0:
@@ -87,7 +115,7 @@ class Quadratic(Strategy):
                 self.anchor[name] = torch.where(total > 0, weighted / total, theta[name])
                 self.importance[name] = total
 
-    def after_backward(self, ctx: TrainContext) -> None:
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
         if not self.importance or self.lam == 0:
             return
         for name, p in ctx.model.named_parameters():
@@ -330,14 +358,14 @@ class SI(Quadratic):
         self.grad = {n: torch.zeros_like(p) for n, p in params.items()}
         self.before = {n: torch.zeros_like(p) for n, p in params.items()}
 
-    def after_backward(self, ctx: TrainContext) -> None:
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
         for name, p in ctx.model.named_parameters():
             if name in self.path and p.grad is not None:
                 self.grad[name].copy_(p.grad)
                 self.before[name].copy_(p.detach())
-        super().after_backward(ctx)
+        super().after_backward(ctx, batch)
 
-    def after_step(self, ctx: TrainContext) -> None:
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         for name, p in ctx.model.named_parameters():
             if name in self.path and p.grad is not None:
                 minus_delta = self.before[name].sub_(p.detach())

@@ -7,6 +7,8 @@ direction of each update. All keep their samples in one ``cfbench.memory.Memory`
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Literal
 
 import numpy as np
@@ -17,8 +19,9 @@ from scipy.optimize import nnls
 from cfbench.memory import Memory, Selection, batch_samples
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task, apply_mask
-from cfbench.strategies.distillation import Tap
-from cfbench.strategy import Batch, Strategy, TrainContext, TrainData
+from cfbench.strategy import Batch, Stacked, Strategy, TrainContext, TrainData
+from cfbench.taps import Tap
+from cfbench.train import autocast
 
 
 def _check_batch_size(name: str, value: int | None) -> None:
@@ -40,9 +43,11 @@ def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 def _memory_gradient(ctx: TrainContext, params: list[torch.nn.Parameter], data: TrainData,
                      idx: torch.Tensor) -> list[torch.Tensor]:
-    """Gradient of the task loss on memory samples ``idx``, leaving every .grad untouched."""
+    """Gradient of the task loss on memory samples ``idx``, leaving every .grad untouched (its
+    forward in the precision the step's forward ran in)."""
     batch = ctx.make_batch(data, idx)
-    loss = ctx.loss(ctx.logits(batch), batch)
+    with autocast(ctx.scenario.protocol, ctx.device):
+        loss = ctx.loss(ctx.logits(batch), batch)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
@@ -60,9 +65,9 @@ class _Rehearsal(Strategy):
     """What every strategy here shares: one memory, whose bytes are the state kept.
 
     Rebuilt memories (class-balanced, per-task) take each task's samples at its end. A
-    reservoir is fed stream minibatches during training; a task learned without steps (a
-    transfer source) offers its whole training set at its end instead, so the source is
-    remembered too.
+    reservoir is fed the stream minibatch of every step in an after-hook; a task learned
+    without steps (a transfer source) offers its whole training set at its end instead, so the
+    source is remembered too.
     """
 
     def __init__(self, buffer: Memory) -> None:
@@ -107,6 +112,8 @@ class Replay(_Rehearsal):
     Hsu et al.'s Split-MNIST setting: selection=per-task memory=1100 (or 4400) mix=dataset.
     """
 
+    stacked = Stacked  # batch and after_step read no parameters: seeds stack
+
     def __init__(self, *, memory: int | None = 500, per_class: int | None = None,
                  fraction: float | None = None, selection: Selection = "reservoir",
                  mix: Literal["batch", "dataset"] = "batch",
@@ -122,17 +129,18 @@ class Replay(_Rehearsal):
         return data if self.mix == "batch" else _with_memory(data, self.buffer, self.oversample)
 
     def batch(self, ctx: TrainContext, batch: Batch) -> Batch:
-        if self.mix == "dataset":
+        if self.mix == "dataset" or not len(self.buffer):
             return batch
-        stream = batch_samples(ctx, batch) if self.buffer.selection == "reservoir" else None
-        if len(self.buffer):
-            size = self.replay_batch_size or ctx.scenario.protocol.batch_size
-            past = ctx.make_batch(self.buffer.data, self.buffer.sample(size, ctx.generator))
-            batch = Batch(*(torch.cat([getattr(batch, f), getattr(past, f)])
-                            for f in ("x", "y", "task")))
-        if stream is not None:
-            self.buffer.add_stream(stream, ctx.generator)
-        return batch
+        size = self.replay_batch_size or ctx.scenario.protocol.batch_size
+        past = ctx.make_batch(self.buffer.data, self.buffer.sample(size, ctx.generator))
+        return dataclasses.replace(batch, **{f: torch.cat([getattr(batch, f), getattr(past, f)])
+                                             for f in ("x", "y", "task")})
+
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
+        """A reservoir takes the step's stream samples (after the memory minibatch was drawn,
+        so no sample is replayed alongside itself)."""
+        if self.mix == "batch" and self.buffer.selection == "reservoir":
+            self.buffer.add_stream(batch_samples(ctx, batch), ctx.generator)
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:
         if self.mix == "dataset":
@@ -153,7 +161,9 @@ class DER(_Rehearsal):
     the masked logits leaves old samples free to drift toward new classes). The loop passes
     masked logits, so the full output is read from the loop's own forward pass through a tap
     on the model (no second forward, and a batch-norm model's running statistics are updated
-    once per step, not twice). Defaults: Buzzega et al.'s Seq-MNIST setting with a
+    once per step, not twice). The penalty only reads the memory; the step's stream samples go
+    into the reservoir in ``after_backward``, with the logits the step's forward gave them
+    (before the update). Defaults: Buzzega et al.'s Seq-MNIST setting with a
     500-sample buffer (alpha=1.0, memory minibatch = batch size). Larger alpha keeps the old
     function more tightly; a larger memory forgets less and keeps more state.
     """
@@ -169,21 +179,26 @@ class DER(_Rehearsal):
 
     def penalty(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor
                 ) -> torch.Tensor | None:
-        full = self._stream_output(ctx, batch)
-        term = None
-        if len(self.buffer):
-            size = self.replay_batch_size or ctx.scenario.protocol.batch_size
-            idx = self.buffer.sample(size, ctx.generator)
-            parts = [idx, self.buffer.sample(size, ctx.generator)] if self.beta else [idx]
-            past = ctx.make_batch(self.buffer.data, torch.cat(parts))
-            out = ctx.model(past.x)
-            n = len(idx)
-            term = self.alpha * F.mse_loss(out[:n], self.buffer.payload[idx])
-            if self.beta:
-                masked = apply_mask(out[n:], ctx.setting.mask(past.task[n:], ctx.task_index))
-                term = term + self.beta * F.cross_entropy(masked, past.y[n:])
-        self.buffer.add_stream(batch_samples(ctx, batch), ctx.generator, full)
+        if not len(self.buffer):
+            return None
+        size = self.replay_batch_size or ctx.scenario.protocol.batch_size
+        idx = self.buffer.sample(size, ctx.generator)
+        parts = [idx, self.buffer.sample(size, ctx.generator)] if self.beta else [idx]
+        past = ctx.make_batch(self.buffer.data, torch.cat(parts))
+        with self._tap.aside() if self._tap is not None else contextlib.nullcontext():
+            out = ctx.forward(past)  # the tap keeps the step's own forward for after_backward
+        n = len(idx)
+        term = self.alpha * F.mse_loss(out[:n], self.buffer.payload[idx])
+        if self.beta:
+            masked = apply_mask(out[n:], ctx.setting.mask(past.task[n:], ctx.task_index))
+            term = term + self.beta * F.cross_entropy(masked, past.y[n:])
         return term
+
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
+        """The stream samples join the reservoir with the logits the step's forward gave them
+        (read before the update changes the function)."""
+        self.buffer.add_stream(batch_samples(ctx, batch), ctx.generator,
+                               self._stream_output(ctx, batch))
 
     def before_task(self, ctx: TrainContext, task: Task) -> None:
         super().before_task(ctx, task)
@@ -199,7 +214,7 @@ class DER(_Rehearsal):
         if self._tap is None or self._tap.model is not ctx.model:
             self._tap_output(ctx.model)
         with torch.no_grad():
-            return self._tap.read(batch.x)["output"].detach()
+            return self._tap.read(batch)["output"].detach()
 
     def _untap(self) -> None:
         if self._tap is not None:
@@ -245,11 +260,12 @@ class AGEM(_Rehearsal):
     samples (all trainable parameters flattened), if g.g_ref < 0 the update is
     g - (g.g_ref / g_ref.g_ref) g_ref, whose dot product with g_ref is zero.
 
-    g_ref is computed with ``torch.autograd.grad`` in the penalty hook (so the FLOP count sees
-    it; .grad is untouched) and the projection is applied in ``after_backward``, without a
-    host synchronisation. Defaults: Chaudhry et al.'s MNIST setting, 25 samples per class,
-    updated at the end of each task, and a 256-sample reference batch. A larger reference
-    batch gives a less noisy constraint at more compute per step.
+    g_ref is computed with ``torch.autograd.grad`` in ``after_backward`` (the parameters are
+    still those of the step's forward) and the projection applied there, without a host
+    synchronisation; a reservoir memory takes the stream samples in ``after_step``.
+    Defaults: Chaudhry et al.'s MNIST setting, 25 samples per class, updated at the end of
+    each task, and a 256-sample reference batch. A larger reference batch gives a less noisy
+    constraint at more compute per step.
     """
 
     def __init__(self, *, memory: int | None = None, per_class: int | None = 25,
@@ -259,26 +275,27 @@ class AGEM(_Rehearsal):
         super().__init__(Memory(selection=selection, memory=memory, per_class=per_class,
                                 fraction=fraction))
         self.ref_batch_size = ref_batch_size
-        self._ref: list[torch.Tensor] | None = None
 
-    def penalty(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor) -> None:
-        self._ref = None
-        if len(self.buffer):
-            idx = self.buffer.sample(self.ref_batch_size, ctx.generator)
-            self._ref = _memory_gradient(ctx, _trainable(ctx), self.buffer.data, idx)
+    def reference(self, ctx: TrainContext) -> list[torch.Tensor]:
+        """g_ref, per trainable parameter: the task loss's gradient on `ref_batch_size` memory
+        samples drawn from ``ctx.generator``."""
+        idx = self.buffer.sample(self.ref_batch_size, ctx.generator)
+        return _memory_gradient(ctx, _trainable(ctx), self.buffer.data, idx)
+
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
+        if not len(self.buffer):
+            return
+        ref = self.reference(ctx)
+        grads = _grads(_trainable(ctx))
+        dot = torch.stack([(g * r).sum() for g, r in zip(grads, ref, strict=True)]).sum()
+        norm2 = torch.stack([r.pow(2).sum() for r in ref]).sum()
+        scale = torch.where(dot < 0, dot / norm2, torch.zeros_like(dot))
+        for g, r in zip(grads, ref, strict=True):
+            g.sub_(r * scale)
+
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         if self.buffer.selection == "reservoir":
             self.buffer.add_stream(batch_samples(ctx, batch), ctx.generator)
-
-    def after_backward(self, ctx: TrainContext) -> None:
-        if self._ref is None:
-            return
-        grads = _grads(_trainable(ctx))
-        dot = torch.stack([(g * r).sum() for g, r in zip(grads, self._ref, strict=True)]).sum()
-        norm2 = torch.stack([r.pow(2).sum() for r in self._ref]).sum()
-        scale = torch.where(dot < 0, dot / norm2, torch.zeros_like(dot))
-        for g, r in zip(grads, self._ref, strict=True):
-            g.sub_(r * scale)
-        self._ref = None
 
 
 def gem_dual(G: torch.Tensor, g: torch.Tensor, margin: float) -> np.ndarray:
@@ -323,10 +340,9 @@ class GEM(_Rehearsal):
     rehearsal's training set; only their GEM_orig does not). The defaults are their GEM_1100
     (1100 samples, margin 0.5, rehearse); rehearse=false is the original GEM's update alone,
     whose margin, adding at least margin x every past task's gradient at each violation,
-    costs plasticity in the class setting as tasks accumulate. Past-task gradients are
-    computed in the penalty hook (so the FLOP count sees them) and the projection in
-    ``after_backward``; the check for violated constraints and the QP need the host once per
-    step. Cost per step grows with the memory size.
+    costs plasticity in the class setting as tasks accumulate. Past-task gradients and the
+    projection are computed in ``after_backward``; the check for violated constraints and the
+    QP need the host once per step. Cost per step grows with the memory size.
     """
 
     def __init__(self, *, memory: int | None = 1100, per_class: int | None = None,
@@ -338,7 +354,6 @@ class GEM(_Rehearsal):
                                 fraction=fraction))
         self.margin, self.rehearse = margin, rehearse
         self._rows: list[torch.Tensor] = []
-        self._past: torch.Tensor | None = None
 
     def train_data(self, ctx: TrainContext, task: Task, data: TrainData) -> TrainData:
         return _with_memory(data, self.buffer, oversample=True) if self.rehearse else data
@@ -349,20 +364,22 @@ class GEM(_Rehearsal):
         rows = [torch.nonzero(tasks == t).squeeze(1) for t in range(ctx.task_index + 1)]
         self._rows = [r for r in rows if len(r)]
 
-    def penalty(self, ctx: TrainContext, batch: Batch, logits: torch.Tensor) -> None:
+    def past_gradients(self, ctx: TrainContext) -> torch.Tensor:
+        """G: one row per past task, the task loss's gradient on all of that task's memory
+        (every trainable parameter, flattened)."""
         params = _trainable(ctx)
-        self._past = None if not self._rows else torch.stack([
+        return torch.stack([
             torch.cat([g.reshape(-1) for g in _memory_gradient(ctx, params, self.buffer.data,
                                                                rows)])
             for rows in self._rows])
 
-    def after_backward(self, ctx: TrainContext) -> None:
-        if self._past is None:
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
+        if not self._rows:
             return
+        past = self.past_gradients(ctx)
         grads = _grads(_trainable(ctx))
         flat = torch.cat([g.reshape(-1) for g in grads])
-        projected = gem_project(self._past, flat, self.margin)
+        projected = gem_project(past, flat, self.margin)
         if projected is not flat:
             for g, piece in zip(grads, projected.split([g.numel() for g in grads]), strict=True):
                 g.copy_(piece.view_as(g))
-        self._past = None

@@ -30,3 +30,23 @@ def transfer_root(mnist_root: Path) -> Path:
 def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """split-digits needs no files; any root will do."""
     return tmp_path_factory.mktemp("digits-root")
+
+
+@pytest.fixture(scope="session")
+def fortunes_root() -> Path:
+    """The data root with the verified fortunes corpus (general English); fetched on first use
+    from the Debian packages, so a fresh data root works."""
+    from cfbench.data.text import fetch_corpus
+
+    root = data_root()
+    fetch_corpus("fortunes", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def textgenrnn_root(fortunes_root: Path) -> Path:
+    """The data root with fortunes and the verified tier-0 weights (from PyPI's textgenrnn)."""
+    from cfbench.data.textgenrnn import fetch_textgenrnn
+
+    fetch_textgenrnn(fortunes_root)
+    return fortunes_root

@@ -17,7 +17,7 @@ from cfbench.errors import CfbenchError
 from cfbench.models import mlp, reduced_resnet18
 from cfbench.scenario import Setting
 from cfbench.strategies.adapters import Adapter, LoRA, Progressive
-from cfbench.strategy import Strategy, TrainContext, make_strategy
+from cfbench.strategy import Batch, Strategy, TrainContext, make_strategy, routed_by
 from cfbench.train import evaluate, train_task
 from tests.helpers import final_row, run_one
 
@@ -161,14 +161,23 @@ def test_one_shared_adapter_set_trains_across_tasks_in_the_class_setting(digits_
     assert unchanged(body, ctx.model)
 
 
-def test_routing_refuses_a_batch_it_was_not_given(digits_root):
+def test_every_forward_routes_by_its_own_batch(digits_root):
     ctx = digits_context(digits_root)
     lora = LoRA()
-    run_tasks(ctx, lora, 1)
-    batch = ctx.make_batch(ctx.task_data(0), slice(0, 8))
-    lora.batch(ctx, batch)
-    with pytest.raises(CfbenchError, match="before lora"):
-        ctx.model(batch.x[:5])  # e.g. a strategy after lora in the spec changed the batch
+    run_tasks(ctx, lora, 2)
+    zero = ctx.make_batch(ctx.task_data(0), slice(0, 8))
+    one = ctx.make_batch(ctx.task_data(1), slice(0, 8))
+    both = Batch(*(torch.cat([getattr(zero, f), getattr(one, f)]) for f in ("x", "y", "task")))
+    as_one = Batch(zero.x, zero.y, torch.ones_like(zero.task))
+    with torch.no_grad():
+        mixed = ctx.forward(both)  # e.g. a replayed task-0 half beside the stream
+        torch.testing.assert_close(mixed[:8], ctx.forward(zero))
+        torch.testing.assert_close(mixed[8:], ctx.forward(one))
+        # Called outside ctx.forward, the model uses the set of the task being trained (1).
+        torch.testing.assert_close(ctx.model(zero.x), ctx.forward(as_one))
+        assert not torch.allclose(ctx.forward(zero), ctx.forward(as_one))
+    with routed_by(zero.task), pytest.raises(CfbenchError, match="inside the forward pass"):
+        ctx.model(zero.x[:5])
 
 
 def test_progressive_keeps_earlier_columns_bitwise_and_bwt_exactly_zero(digits_root):

@@ -105,9 +105,10 @@ def test_ewc_penalty_is_cfbench_ewc_with_lam_twice_ewc_lambda(digits_root):
     params = list(ctx.model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
-    ours.after_backward(ctx)  # adds lam * F * (theta - theta*) to .grad
+    stream = ctx.make_batch(ctx.task_data(1), torch.arange(8))
+    ours.after_backward(ctx, stream)  # adds lam * F * (theta - theta*) to .grad
     expected = [p.grad.clone() for p in params]
-    batch = theirs.batch(ctx, ctx.make_batch(ctx.task_data(1), torch.arange(8)))
+    batch = theirs.batch(ctx, stream)
     penalty = theirs.penalty(ctx, batch, ctx.logits(batch))
     got = torch.autograd.grad(penalty, params)
     assert sum(float(g.abs().sum()) for g in expected) > 1e-3

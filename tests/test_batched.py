@@ -11,6 +11,7 @@ minibatch, penalty or teacher changes (0.07 and more after 25 steps per task: se
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from cfbench import experiment
-from cfbench.batched import can_batch, execute_batched, execute_many, seed_groups
+from cfbench.batched import can_batch, execute_batched, seed_groups
 from cfbench.errors import CfbenchError
 from cfbench.experiment import execute, plan_runs
 from cfbench.records import RunConfig, RunRecord
@@ -107,6 +108,21 @@ def test_each_seed_of_a_batched_job_equals_its_own_run(digits_root, final_params
     assert_same_runs(single, batch, single_params, final_params[len(single):])
 
 
+def test_members_of_a_job_may_differ_in_hyperparameters(digits_root, final_params):
+    """A stacked job takes each member's own hyperparameters (grid points stack as seeds do):
+    EWC's lam (0 included) and LwF's alpha and temperature differ between members, and each
+    member still gets its own run's record."""
+    members = [(0, 1000.0, 1.0, 2.0), (1, 10.0, 0.5, 0.7), (0, 0.0, 2.0, 2.0)]
+    configs = [plan(digits_root, "ewc+lwf", "class", seeds=[seed], hparams={
+        "ewc": {"lam": lam}, "lwf": {"alpha": alpha, "temperature": temperature}})[0]
+        for seed, lam, alpha, temperature in members]
+    single = [execute(c, digits_root) for c in configs]
+    single_params = final_params[:]
+    batch = execute_batched(configs, digits_root)
+    assert_same_runs(single, batch, single_params, final_params[len(single):])
+    assert len({json.dumps(r.R) for r in batch}) == 3
+
+
 def test_the_comparison_sees_a_wrong_penalty_or_a_wrong_seed(digits_root, final_params):
     """What the tolerance above rules out: the weakest penalty tested (l2, lam=0.1) left out,
     or one seed's batches given to another, moves parameters by far more than 1e-5."""
@@ -139,28 +155,22 @@ def test_the_batched_job_is_deterministic(digits_root, final_params):
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_unbatchable_runs_fall_back_to_their_own_runs_with_the_reason(digits_root):
+def test_seed_groups_say_why_they_cannot_be_batched(digits_root):
     configs = plan_runs(scenario="split-digits", settings=["class"], strategies=["si", "naive"],
                         hparams={}, seeds=[0, 1], protocol_overrides={"iterations": 20},
                         data_root=digits_root)
     groups = seed_groups(configs)
     assert [(len(g.configs), g.reason) for g in groups] == [
-        (2, "strategy 'si' has no batched form (batched: naive, joint, replay, ewc, "
-            "online-ewc, mas, l2, l2-sp, lwf)"), (2, None)]
-    seen: list[str] = []
-    records = execute_many(configs, digits_root, on_record=lambda r: seen.append(r.run_id))
-    assert [r.run_id for r in records] == [c.run_id for c in configs] == seen
-    for config, record in zip(configs[:2], records[:2], strict=True):
-        alone = execute(config, digits_root)
-        assert record.R == alone.R and record.cost.keys() == alone.cost.keys()
-        assert "batched_seeds" not in record.cost
-    assert [r.cost.get("batched_seeds") for r in records[2:]] == [2, 2]
-    unbatched = execute_many(configs[2:], digits_root, batch=False)
-    assert [r.R for r in unbatched] == [r.R for r in records[2:]]
-    assert "batched_seeds" not in unbatched[0].cost
+        (2, "strategy 'si' has no batched form"), (2, None)]
+    batched = execute_batched(configs[2:], digits_root)
+    alone = [execute(c, digits_root) for c in configs[2:]]
+    assert [r.R for r in batched] == [r.R for r in alone]
+    assert [r.cost.get("batched_seeds") for r in batched] == [2, 2]
+    assert "batched_seeds" not in alone[0].cost and batched[0].cost.keys() - {
+        "batched_seeds"} == alone[0].cost.keys()
     with pytest.raises(CfbenchError, match="strategy .si. has no batched form"):
         execute_batched(configs[:2], digits_root)
-    with pytest.raises(ValueError, match="differ only in their seed"):
+    with pytest.raises(ValueError, match="differ only in their seeds and hyperparameters"):
         execute_batched([configs[0], configs[2]], digits_root)
 
 

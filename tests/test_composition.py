@@ -1,5 +1,6 @@
-"""Composition (``a+b+...``): every part acts, gradient hooks run in the order written, and
-combinations that cannot work are refused before anything trains."""
+"""Composition (``a+b+...``): every part acts, the order written matters only where the
+mathematics does (two edits of one gradient), and combinations that cannot work are refused
+before anything trains."""
 
 from __future__ import annotations
 
@@ -43,14 +44,34 @@ def test_a_strategy_twice_or_an_empty_part_is_rejected(spec):
         make_strategy(spec)
 
 
+@pytest.mark.parametrize(("spec", "setting"), [
+    ("lora+replay", "task"),  # routing follows each forward's own batch, not a batch hook
+    ("ewc+replay", "class"),
+    ("der+progressive", "task"),
+    ("adapter+agem", "task"),
+])
+def test_order_does_not_matter_where_the_parts_do_not_interact(digits_root, spec, setting):
+    first, second = spec.split("+")
+    runs = [run_one(digits_root, "split-digits", setting, s, iterations=20)
+            for s in (spec, f"{second}+{first}")]
+    assert runs[0].R == runs[1].R
+
+
+def test_two_gradient_editors_depend_on_their_order(digits_root):
+    # Projecting then damping is not damping then projecting: here the order is the maths.
+    runs = [run_one(digits_root, "split-digits", "class", spec, iterations=20)
+            for spec in ("agem+grad-protect", "grad-protect+agem")]
+    assert runs[0].R != runs[1].R
+
+
 class Double(Strategy):
-    def after_backward(self, ctx):
+    def after_backward(self, ctx, batch):
         for p in ctx.model.parameters():
             p.grad.mul_(2)
 
 
 class AddOne(Strategy):
-    def after_backward(self, ctx):
+    def after_backward(self, ctx, batch):
         for p in ctx.model.parameters():
             p.grad.add_(1)
 
@@ -64,7 +85,7 @@ def test_gradient_hooks_run_left_to_right():
             model = torch.nn.Linear(1, 1, bias=False)
             model.weight.grad = torch.full((1, 1), 3.0)
             strategy = build_strategy(spec, resolve_hparams(spec, {}), "class")
-            strategy.after_backward(type("Ctx", (), {"model": model})())
+            strategy.after_backward(type("Ctx", (), {"model": model})(), None)
             results[spec] = float(model.weight.grad)
     finally:
         registry.strategies.unregister("t-double")

@@ -14,15 +14,9 @@ from cfbench import registry
 from cfbench.errors import CfbenchError
 from cfbench.models import build_model
 from cfbench.scenario import Scenario, Setting
-from cfbench.strategies.distillation import (
-    FeatureDistill,
-    LwF,
-    Tap,
-    frozen_copy,
-    grouped_kl,
-    old_unit_groups,
-)
-from cfbench.strategy import Strategy, TrainContext
+from cfbench.strategies.distillation import FeatureDistill, LwF, grouped_kl, old_unit_groups
+from cfbench.strategy import Batch, Strategy, TrainContext
+from cfbench.taps import Tap, frozen_copy
 from cfbench.train import train_task
 from tests.helpers import run_one
 
@@ -139,8 +133,7 @@ def test_lwf_penalty_is_right_even_after_a_forward_on_another_input(digits):
 def test_a_teacher_copied_from_a_tapped_model_leaves_the_tap_alone(digits):
     model = context(digits, "task").model
     tap = Tap(model, {"2": (model[2], False)})
-    x = torch.rand(3, 1, 8, 8)
-    seen = tap.run(x)["2"]
+    seen = tap.run(Batch(torch.rand(3, 1, 8, 8), torch.zeros(3), torch.zeros(3)))["2"]
     teacher = frozen_copy(model)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
     teacher(torch.rand(5, 1, 8, 8))
@@ -189,7 +182,7 @@ def layer_change(ctx: TrainContext, teacher: torch.nn.Module, layer: str) -> flo
     with torch.no_grad():
         for key, model in (("now", ctx.model), ("then", teacher)):
             tap = Tap(model, {layer: (dict(model.named_modules())[layer], False)})
-            got[key] = tap.run(batch.x)[layer]
+            got[key] = tap.run(batch)[layer]
             tap.remove()
     return float(F.mse_loss(got["now"], got["then"]))
 

@@ -79,7 +79,7 @@ def ewc_gradient(ewc: EWC, ctx: TrainContext) -> None:
     """The gradient EWC alone contributes at the current parameters, left in .grad."""
     for p in ctx.model.parameters():
         p.grad = torch.zeros_like(p)
-    ewc.after_backward(ctx)
+    ewc.after_backward(ctx, None)
 
 
 def test_separate_penalty_has_the_gradient_of_one_term_per_task(digits_root):

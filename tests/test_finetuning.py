@@ -27,7 +27,7 @@ from cfbench.strategies.finetuning import (
     Warmup,
     layers,
 )
-from cfbench.strategy import Compose, Strategy, TrainContext, make_strategy
+from cfbench.strategy import Batch, Compose, Strategy, TrainContext, make_strategy
 from cfbench.train import train_task
 from tests.helpers import run_one
 
@@ -72,7 +72,7 @@ class Recorder(Strategy):
         self.states: list[dict[str, torch.Tensor]] = []
         self.lrs: list[list[float]] = []
 
-    def after_step(self, ctx: TrainContext) -> None:
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         self.states.append(snapshot(ctx.model))
         self.lrs.append([g["lr"] for g in ctx.optimizer.param_groups])
 

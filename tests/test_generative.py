@@ -9,7 +9,8 @@ from torch import nn
 
 from cfbench import registry
 from cfbench.scenario import Setting
-from cfbench.strategies.generative import GenerativeReplay
+from cfbench.strategies.generative import GenerativeReplay, ReplayedBatch
+from cfbench.strategies.replay import Replay
 from cfbench.strategy import TrainContext
 from cfbench.train import train_task
 from tests.helpers import run_one
@@ -90,7 +91,7 @@ def test_soft_targets_are_a_distillation_that_vanishes_at_the_teacher(digits_roo
     assert grad[32:].abs().max() < 1e-6
     assert grad[:32].abs().max() > 1e-3
     # Targets: a distribution over the replayed sample's own (old) task only.
-    soft = strategy.soft_targets
+    soft = mixed.soft_targets
     torch.testing.assert_close(soft.sum(1), torch.ones(32))
     assert (soft[~ctx.setting.task_masks[mixed.task[32:]]] == 0).all()
 
@@ -126,3 +127,14 @@ def test_bad_hyperparameters_name_themselves(hparams):
     (name,) = hparams
     with pytest.raises(ValueError, match=name):
         GenerativeReplay(**hparams)
+
+
+def test_rows_replay_appends_after_the_generated_ones_keep_them_apart(digits_root):
+    # generative-replay+replay: the batch hooks only build batches, and the generated rows
+    # travel with the batch (not in the strategy), so the loss still finds them.
+    ctx, _, mixed = replay_batch(digits_root, "class")
+    replay = Replay(memory=50)
+    replay.after_step(ctx, ctx.make_batch(ctx.task_data(2), torch.arange(32)))
+    both = replay.batch(ctx, mixed)
+    assert isinstance(both, ReplayedBatch) and both.replayed == mixed.replayed
+    assert len(both.y) == 64 + 32 and torch.equal(both.x[:64], mixed.x)

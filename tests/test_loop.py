@@ -1,5 +1,6 @@
 """What the training loop promises hooks: stopping a task early, growing the model, a log that
-reaches the run record, and per-channel normalisation that `pixels` inverts."""
+reaches the run record, per-channel normalisation that `pixels` inverts, and tasks that are not
+images (the scenario's objective)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from torch import nn
 
 from cfbench import registry
 from cfbench.experiment import execute, plan_runs
-from cfbench.scenario import Protocol, Scenario, Task
+from cfbench.scenario import NextToken, Protocol, Scenario, Task
 from cfbench.strategy import Strategy
 
 
 class StopAtThree(Strategy):
     """Ends each task after its third step and logs where; wraps the model in task 2."""
 
-    def after_step(self, ctx):
+    def after_step(self, ctx, batch):
         if ctx.step % 10 == 3:
             ctx.log.setdefault("stopped", []).append(ctx.step)
             ctx.stop_task = True
@@ -91,3 +92,49 @@ def test_bad_model_specs_name_the_available_ones(spec):
 
     with pytest.raises(CfbenchError, match="resnet18|positive integer"):
         build_model(spec, (3, 32, 32), 10)
+
+
+VOCABULARY, LENGTH = 12, 8
+
+
+def counting_sequences(data_root, seed: int) -> Scenario:
+    """Two tasks of token sequences, each counting modulo 12 in its own step (+1, then +5)
+    from a random first token: a rule a small LSTM learns, and the second task overwrites."""
+    tasks = []
+    for t, step in enumerate((1, 5)):
+        generator = torch.Generator().manual_seed(100 * seed + t)
+
+        def sequences(n: int, step: int = step, generator=generator):
+            first = torch.randint(0, VOCABULARY, (n, 1), generator=generator)
+            tokens = (first + step * torch.arange(LENGTH + 1)) % VOCABULARY
+            return tokens[:, :-1], tokens[:, 1:]
+
+        tasks.append(Task(f"+{step}", tuple(range(VOCABULARY)), *sequences(512),
+                          *sequences(128)))
+    protocol = Protocol(model="lstm:32", epochs=None, iterations=150, batch_size=32, lr=1e-2)
+    return Scenario("counting", tasks, protocol, settings=("domain",), objective=NextToken())
+
+
+@pytest.mark.parametrize("strategy", ["naive", "l2"])
+def test_the_loop_trains_a_task_that_is_not_an_image(digits_root, strategy):
+    """Token ids in, next-token cross-entropy trains, next-token accuracy fills R and the
+    held-out loss (nats per token) fills its own matrix: the ordinary loop, evaluator and
+    record, through the scenario's objective."""
+    registry.scenarios.register("t-counting", family="test", settings=("domain",))(
+        counting_sequences)
+    try:
+        (config,) = plan_runs(scenario="t-counting", settings=["domain"],
+                              strategies=[strategy], hparams={}, seeds=[0],
+                              protocol_overrides={}, data_root=digits_root)
+        record = execute(config, digits_root)
+    finally:
+        registry.scenarios.unregister("t-counting")
+    assert record.status == "ok", record.error
+    R, loss = record.R, record.matrices["loss"]
+    assert len(R) == len(loss) == 3 and all(len(row) == 2 for row in R + loss)
+    chance = 1 / VOCABULARY
+    assert R[0][0] < 3 * chance  # untrained
+    assert R[1][0] > 0.8 and R[2][1] > 0.8  # each task learned well above chance
+    assert loss[1][0] < loss[0][0] / 2 and loss[2][1] < loss[0][1] / 2
+    assert record.cost["steps"] == 300 and record.metrics["acc"] == pytest.approx(
+        sum(R[2]) / 2)

@@ -15,7 +15,7 @@ from cfbench.errors import CfbenchError
 from cfbench.models import mlp
 from cfbench.scenario import Setting
 from cfbench.strategies.protection import EmaVariance, GradientProtection
-from cfbench.strategy import TrainContext, make_strategy
+from cfbench.strategy import Batch, TrainContext, make_strategy
 from cfbench.train import train_task
 from tests.helpers import run_one
 
@@ -37,9 +37,9 @@ class Spy(GradientProtection):
         self.raw: list[dict[str, torch.Tensor]] = []
         self.edited: list[dict[str, torch.Tensor]] = []
 
-    def after_backward(self, ctx: TrainContext) -> None:
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
         self.raw.append({n: p.grad.clone() for n, p in self.params.items()})
-        super().after_backward(ctx)
+        super().after_backward(ctx, batch)
         self.edited.append({n: p.grad.clone() for n, p in self.params.items()})
 
 
@@ -125,9 +125,9 @@ def one_step(ctx: TrainContext, strategy: GradientProtection, optimizer: str
         opt = make(model.parameters(), lr=1e-2)
         ctx.loss(ctx.logits(batch, model), batch).backward()
         if model is ctx.model:
-            strategy.after_backward(ctx)
+            strategy.after_backward(ctx, batch)
             opt.step()
-            strategy.after_step(ctx)
+            strategy.after_step(ctx, batch)
         else:
             opt.step()
     ours = {n: p.detach() - start[n] for n, p in ctx.model.named_parameters()}

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from cfbench import registry
-from cfbench.cli import load_plugin, main, parse_hparams
+from cfbench.cli import main, parse_hparams
 from cfbench.errors import CfbenchError
+from cfbench.registry import load_plugin
 from cfbench.strategy import (
     Batch,
     Compose,

@@ -43,7 +43,7 @@ def penalty_grad(strategy: Quadratic, model: nn.Module) -> dict[str, torch.Tenso
     """The gradient the strategy alone adds at the model's current parameters."""
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    strategy.after_backward(SimpleNamespace(model=model))
+    strategy.after_backward(SimpleNamespace(model=model), None)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -111,7 +111,7 @@ def test_l2_toward_zero_is_weight_decay(digits_root):
     task_grads = [p.grad.clone() for p in ctx.model.parameters()]
     l2 = L2(lam=0.1)
     l2.setup(ctx)
-    l2.after_backward(ctx)
+    l2.after_backward(ctx, batch)
     for p, g in zip(ctx.model.parameters(), task_grads, strict=True):
         torch.testing.assert_close(p.grad, g + 0.1 * p.detach())
     # One step with it equals a step with torch's own weight_decay.
@@ -172,14 +172,14 @@ def test_si_reads_the_gradient_before_its_penalty_and_integrates_the_actual_step
     ctx.model.zero_grad()
     ctx.loss(ctx.logits(batch), batch).backward()
     task_grads = {n: p.grad.clone() for n, p in ctx.model.named_parameters()}
-    si.after_backward(ctx)
+    si.after_backward(ctx, batch)
     for name, p in ctx.model.named_parameters():
         torch.testing.assert_close(si.grad[name], task_grads[name])
         torch.testing.assert_close(p.grad, task_grads[name] + 4.0 * 0.5)
     with torch.no_grad():
         for p in ctx.model.parameters():
             p.sub_(0.1 * p.grad)  # the optimizer's step
-    si.after_step(ctx)
+    si.after_step(ctx, batch)
     for name in task_grads:
         step = -0.1 * (task_grads[name] + 2.0)
         torch.testing.assert_close(si.path[name], -task_grads[name] * step)

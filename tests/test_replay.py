@@ -162,17 +162,24 @@ def test_agem_projects_a_conflicting_gradient_onto_the_reference_half_space(digi
     ctx.task_index = 1
     batch = ctx.make_batch(ctx.task_data(1), torch.arange(64))
     logits = ctx.logits(batch)
-    agem.penalty(ctx, batch, logits)
-    ref = torch.cat([r.reshape(-1) for r in agem._ref])
     ctx.model.zero_grad()
     ctx.loss(logits, batch).backward()
     raw = flat_grad(ctx)
+    ref = reference(agem, ctx)
     assert raw @ ref < 0  # learning 2/3 in the class setting pushes 0/1 down
-    agem.after_backward(ctx)
+    agem.after_backward(ctx, batch)
     projected = flat_grad(ctx)
     assert projected @ ref >= -1e-5 * ref.norm() * projected.norm()
     expected = raw - (raw @ ref) / (ref @ ref) * ref
     torch.testing.assert_close(projected, expected, rtol=1e-4, atol=1e-7)
+
+
+def reference(agem: AGEM, ctx: TrainContext) -> torch.Tensor:
+    """The flat g_ref the next ``after_backward`` will use (it draws the same samples)."""
+    state = ctx.generator.get_state()
+    ref = torch.cat([r.reshape(-1) for r in agem.reference(ctx)])
+    ctx.generator.set_state(state)
+    return ref
 
 
 def test_agem_leaves_an_agreeing_gradient_alone(digits_root):
@@ -181,18 +188,17 @@ def test_agem_leaves_an_agreeing_gradient_alone(digits_root):
     agem.after_task(ctx, ctx.scenario.tasks[0])
     batch = ctx.make_batch(ctx.task_data(0), torch.arange(64))  # the same task: it agrees
     logits = ctx.logits(batch)
-    agem.penalty(ctx, batch, logits)
     ctx.model.zero_grad()
     ctx.loss(logits, batch).backward()
     raw = flat_grad(ctx).clone()
-    assert raw @ torch.cat([r.reshape(-1) for r in agem._ref]) > 0
-    agem.after_backward(ctx)
+    assert raw @ reference(agem, ctx) > 0
+    agem.after_backward(ctx, batch)
     assert torch.equal(flat_grad(ctx), raw)
 
 
 def gem_after(digits_root, tasks: int, margin: float) -> tuple[GEM, TrainContext]:
-    """GEM with memories of tasks 0..tasks-1, its past-task gradients computed for a minibatch
-    of task `tasks`, whose gradient is left in .grad."""
+    """GEM with memories of tasks 0..tasks-1 and the gradient of a minibatch of task `tasks`
+    left in .grad."""
     ctx = trained_on_task_0(digits_root)
     gem = GEM(memory=120, margin=margin)
     for t in range(tasks):
@@ -201,7 +207,6 @@ def gem_after(digits_root, tasks: int, margin: float) -> tuple[GEM, TrainContext
     ctx.task_index = tasks
     batch = ctx.make_batch(ctx.task_data(tasks), torch.arange(64))
     logits = ctx.logits(batch)
-    gem.penalty(ctx, batch, logits)
     ctx.model.zero_grad()
     ctx.loss(logits, batch).backward()
     return gem, ctx
@@ -210,10 +215,10 @@ def gem_after(digits_root, tasks: int, margin: float) -> tuple[GEM, TrainContext
 @pytest.mark.parametrize("margin", [0.0, 0.5])
 def test_gem_projection_satisfies_every_past_task_constraint(digits_root, margin):
     gem, ctx = gem_after(digits_root, tasks=4, margin=margin)
-    G = gem._past.clone()
+    G = gem.past_gradients(ctx)
     raw = flat_grad(ctx).clone()
     assert (G @ raw < 0).any()  # some constraint is violated before
-    gem.after_backward(ctx)
+    gem.after_backward(ctx, ctx.make_batch(ctx.task_data(4), torch.arange(64)))
     projected = flat_grad(ctx)
     scale = G.norm(dim=1) * projected.norm()
     assert (G @ projected >= -1e-5 * scale).all(), G @ projected
@@ -231,7 +236,7 @@ def test_gem_projection_satisfies_every_past_task_constraint(digits_root, margin
 
 def test_gem_leaves_a_gradient_that_violates_no_constraint_unchanged(digits_root):
     gem, ctx = gem_after(digits_root, tasks=3, margin=0.5)
-    G = gem._past
+    G = gem.past_gradients(ctx)
     # The least-norm vector with a dot product of 1 with every past task's gradient.
     agreeing = G.T @ torch.linalg.solve(G @ G.T, torch.ones(3))
     assert (G @ agreeing > 0.5).all()
@@ -240,14 +245,14 @@ def test_gem_leaves_a_gradient_that_violates_no_constraint_unchanged(digits_root
     for p in ctx.model.parameters():  # as if the minibatch gradient were that vector
         p.grad.copy_(agreeing[offsets:offsets + p.numel()].view_as(p))
         offsets += p.numel()
-    gem.after_backward(ctx)
+    gem.after_backward(ctx, ctx.make_batch(ctx.task_data(3), torch.arange(64)))
     assert torch.equal(flat_grad(ctx), agreeing)
 
 
 def test_gem_keeps_one_memory_per_past_task_split_equally(digits_root):
-    gem, _ = gem_after(digits_root, tasks=3, margin=0.5)
+    gem, ctx = gem_after(digits_root, tasks=3, margin=0.5)
     assert [len(r) for r in gem._rows] == [40, 40, 40]
-    assert gem._past.shape[0] == 3
+    assert gem.past_gradients(ctx).shape[0] == 3
 
 
 # -- DER's penalty ---------------------------------------------------------------------------
@@ -259,6 +264,8 @@ def test_der_stores_full_logits_and_penalises_their_squared_change(digits_root):
     batch = ctx.make_batch(ctx.task_data(0), torch.arange(50))
     logits = ctx.logits(batch)
     assert der.penalty(ctx, batch, logits) is None  # nothing stored yet
+    assert len(der.buffer) == 0  # the penalty only reads: the reservoir is fed after backward
+    der.after_backward(ctx, batch)
     # The full output, units of classes not yet seen included (the loop's logits mask them).
     full = ctx.model(batch.x).detach()
     assert torch.isinf(logits[:, 2:]).all()
@@ -269,6 +276,8 @@ def test_der_stores_full_logits_and_penalises_their_squared_change(digits_root):
     term = der.penalty(ctx, batch, ctx.logits(batch))
     # Three of the ten units moved by 0.5: alpha * mean over samples and units of 0.25 * 3/10.
     torch.testing.assert_close(term, torch.tensor(2.0 * 0.25 * 3 / 10), rtol=1e-4, atol=1e-7)
+    assert torch.equal(der.buffer.payload, full)
+    der.after_backward(ctx, batch)
     assert not torch.equal(der.buffer.payload, full)  # the reservoir took some new logits
 
 
@@ -277,7 +286,8 @@ def test_derpp_adds_cross_entropy_on_a_second_memory_minibatch(digits_root):
     ctx.task_index = 0
     derpp = DERpp(memory=50, alpha=2.0, beta=0.5, replay_batch_size=50)
     batch = ctx.make_batch(ctx.task_data(0), torch.arange(50))
-    derpp.penalty(ctx, batch, ctx.logits(batch))
+    ctx.logits(batch)
+    derpp.after_backward(ctx, batch)
     # The logits have not changed, so only beta * cross-entropy on the memory remains; the
     # memory holds exactly this minibatch, so its mean cross-entropy is the minibatch's.
     term = derpp.penalty(ctx, batch, ctx.logits(batch))
@@ -352,3 +362,18 @@ def test_state_bytes_are_the_buffers_bytes(digits_root, strategy, per_sample):
 def test_bad_hyperparameters_are_rejected_by_name(factory, kwargs, named):
     with pytest.raises(ValueError, match=named):
         factory(**kwargs)
+
+
+def test_replay_batch_only_reads_and_after_step_feeds_the_stream(digits_root):
+    ctx = context(digits_root)
+    ctx.task_index = 0
+    replay = Replay(memory=50)
+    stream = ctx.make_batch(ctx.task_data(0), torch.arange(20))
+    assert replay.batch(ctx, stream) is stream  # an empty memory has nothing to mix in
+    replay.after_step(ctx, stream)
+    assert replay.buffer.seen == 20
+    state = ctx.generator.get_state()
+    mixed = replay.batch(ctx, stream)
+    assert len(mixed.y) == 40 and replay.buffer.seen == 20  # the batch hook stored nothing
+    ctx.generator.set_state(state)
+    assert torch.equal(replay.batch(ctx, stream).x, mixed.x)  # the same draw, the same batch

@@ -12,7 +12,8 @@ import pytest
 
 from cfbench.cli import main
 from cfbench.store import Store
-from cfbench.sweep import load_sweep, plan
+from cfbench.sweep import plan
+from cfbench.sweepfile import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,18 +87,20 @@ def test_the_readme_example_runs_every_grid_point_once(example, digits_root, cap
     assert all(line.rstrip().endswith("ok") for line in lines)
 
 
-def test_process_pool_records_equal_serial(example, tmp_path, digits_root):
+def test_process_pool_with_batched_seeds_records_equal_serial(example, tmp_path, digits_root):
+    """A worker takes a job of both seeds of a configuration and returns each seed's record."""
     path, serial = example
     db = tmp_path / "process.sqlite"
     assert main(["sweep", str(path), "--executor", "process", "--workers", "2", "--store",
                  str(db), "--out", str(tmp_path / "json"), "--data-root", str(digits_root),
-                 "--quiet"]) == 0
+                 "--batch-seeds", "--quiet"]) == 0
     pooled = stored(db)
     assert sorted(pooled) == sorted(serial)
     assert sorted(p.stem for p in (tmp_path / "json").glob("*.json")) == sorted(serial)
     for run_id, record in pooled.items():
         assert comparable(record) == comparable(serial[run_id])
         assert record.env["threads"] == 1  # 2 cores // 2 workers
+        assert record.cost["batched_seeds"] == 2
 
 
 def test_ray_records_equal_serial(example, tmp_path, digits_root):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from cfbench.cli import main
 from cfbench.store import Store
-from cfbench.sweep import load_sweep, plan
+from cfbench.sweep import plan
+from cfbench.sweepfile import load_sweep
 from tests.test_sweep import one_thread, stored, write  # noqa: F401 (an autouse fixture)
 
 CFBENCH = str(Path(sys.executable).parent / "cfbench")

@@ -12,7 +12,8 @@ from cfbench.cli import main
 from cfbench.errors import CfbenchError
 from cfbench.experiment import load_scenario
 from cfbench.scenario import Protocol, Scenario, Task
-from cfbench.sweep import load_sweep, plan
+from cfbench.sweep import plan
+from cfbench.sweepfile import load_sweep
 from cfbench.validation import validation_split
 from tests.test_sweep import one_thread, readme_block, stored, write  # noqa: F401 (a fixture)
 

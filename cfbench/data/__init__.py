@@ -287,11 +287,17 @@ def _install(name: str, found: Path, target: Path, progress: bool) -> None:
             verified[filename] = _read_maybe_gzip(path)
             _verify(name, filename, verified[filename], path)
             bar.update(path.stat().st_size)
-    target.mkdir(parents=True, exist_ok=True)
-    for filename, raw in verified.items():
-        partial = target / f".{filename}.partial"
+    write_verified(target, verified)
+
+
+def write_verified(directory: Path, files: dict[str, bytes]) -> None:
+    """Write verified bytes into `directory`, each file under a temporary name renamed into
+    place, so a reader never sees a partial file and a failure leaves no half-written one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for filename, raw in files.items():
+        partial = directory / f".{filename}.partial"
         try:
             partial.write_bytes(raw)
-            os.replace(partial, target / filename)
+            os.replace(partial, directory / filename)
         finally:
             partial.unlink(missing_ok=True)

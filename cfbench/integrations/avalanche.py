@@ -19,6 +19,12 @@ Callbacks per hook, in the order Avalanche's training iteration calls them::
 
 Limits (what the hooks cannot express, and conventions):
 
+- Avalanche's callbacks change state where cfbench's pure hooks may not (A-GEM and GEM take
+  reference gradients before the forward, plugins write ``strategy.loss``), so these adapters
+  are the one exception to the pure ``batch`` and ``penalty`` of ``cfbench.strategy``: they
+  call the callbacks where Avalanche's iteration does, which is what a cross-check needs.
+  Compose them with nothing whose hooks they could disturb.
+
 - No DataLoader and no epochs: epoch callbacks never run, and a plugin that swaps
   ``strategy.dataloader`` cannot. ``avalanche:Replay`` therefore drives ReplayPlugin's storage
   policy (what is kept) and itself appends a uniformly drawn memory minibatch to each batch,
@@ -286,15 +292,15 @@ class AvalanchePlugins(Strategy):
         assert view is not None
         seen = self._forward
         view.mb_output = seen[1] if seen is not None and seen[0] is batch.x \
-            else ctx.model(batch.x)
+            else ctx.forward(batch)
         view.loss = torch.zeros((), device=ctx.device)
         self._drive(ctx, "penalty")
         return view.loss if view.loss.requires_grad else None
 
-    def after_backward(self, ctx: TrainContext) -> None:
+    def after_backward(self, ctx: TrainContext, batch: Batch) -> None:
         self._drive(ctx, "after_backward")
 
-    def after_step(self, ctx: TrainContext) -> None:
+    def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         self._drive(ctx, "after_step")
 
     def after_task(self, ctx: TrainContext, task: Task) -> None:

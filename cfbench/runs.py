@@ -1,0 +1,199 @@
+"""The one run path: `run`, `sweep`, `reproduce` and `tune` each plan runs and hand them to
+`run_plan`, which applies the resume rule against a `Sink` (a JSON directory and/or a results
+store), groups what is left into jobs (seed batching), has an executor run them and commits each
+record the moment it arrives. KeyboardInterrupt (Ctrl-C; SIGTERM too under the CLI) stops it:
+the runs in flight are recorded as interrupted and every finished one is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cfbench.errors import CfbenchError
+from cfbench.executors import Executor, make_jobs
+from cfbench.records import RunConfig, RunRecord, read_records, write_record
+from cfbench.store import Store
+
+Report = Callable[[str], None]
+
+
+def silent(text: str) -> None:
+    """A report nobody reads."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a plan, the values it takes from a grid (for display) and, for a run whose
+    values `cfbench tune` chose, how they were chosen (copied into its record)."""
+
+    config: RunConfig
+    point: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] | None = None
+
+    def values(self) -> str:
+        """The grid values, e.g. ``lam=10 hidden=100,100``."""
+        return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                        for k, v in self.point.items())
+
+    def label(self) -> str:
+        c = self.config
+        where = "[validation] " if c.validation is not None else ""
+        return " ".join(filter(None, (f"{where}{c.scenario}/{c.setting}/{c.strategy}",
+                                      self.values(), f"seed {c.seed}")))
+
+
+@dataclass
+class Outcome:
+    """What one `run_plan` did: records by status, and those skipped as already ok."""
+
+    ok: list[RunRecord] = field(default_factory=list)
+    failed: list[RunRecord] = field(default_factory=list)
+    interrupted: list[RunRecord] = field(default_factory=list)
+    skipped: list[RunRecord] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def add(self, record: RunRecord) -> None:
+        getattr(self, record.status if record.status in ("ok", "interrupted") else "failed"
+                ).append(record)
+
+    def records(self) -> list[RunRecord]:
+        """Every record of the plan: those skipped (ok before) and those made now."""
+        return [*self.skipped, *self.ok, *self.failed, *self.interrupted]
+
+    def summary(self, name: str, where: str) -> str:
+        lines = [f"{name}: {len(self.ok)} ok, {len(self.failed)} failed, "
+                 f"{len(self.interrupted)} interrupted, {len(self.skipped)} skipped (already ok "
+                 f"in {where})"]
+        if self.failed:
+            lines.append("failed runs:")
+            lines += [f"  {r.run_id} {self.labels.get(r.run_id, '')}: {r.error}"
+                      for r in self.failed]
+        if self.interrupted:
+            lines.append(f"{len(self.interrupted)} run(s) interrupted; `--resume` reruns them")
+        return "\n".join(lines)
+
+
+class Sink:
+    """Where records go: a JSON directory (one file per run), a results store, or both. The
+    store, when there is one, says what exists (resume reads it) and is written last, so a run
+    it holds is in the directory too. Reading a sink creates nothing."""
+
+    def __init__(self, out: str | Path | None = None, store: str | Path | None = None) -> None:
+        self.out = Path(out) if out is not None else None
+        self.store_path = Path(store) if store is not None else None
+        self._store: Store | None = None
+        self.where = f"store {self.store_path}" if self.store_path else f"{self.out}/"
+
+    def stored(self) -> dict[str, RunRecord]:
+        """Run id -> record of every run the sink holds."""
+        if self.store_path is not None:
+            if not self.store_path.exists():
+                return {}
+            with Store(self.store_path) as store:
+                return {r.run_id: r for r in store.records()}
+        assert self.out is not None
+        return {r.run_id: r for r in read_records(self.out)} if self.out.is_dir() else {}
+
+    def put(self, record: RunRecord) -> None:
+        if self.out is not None:
+            write_record(record, self.out)
+        if self.store_path is not None:
+            self._store = self._store or Store(self.store_path)
+            self._store.put(record)
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def check_stored(runs: Sequence[PlannedRun], sink: Sink, resume: bool, replace: bool = False
+                 ) -> dict[str, RunRecord]:
+    """The sink's records of these runs. Without `resume` or `replace` any is an error: a sink
+    holds one attempt per run unless the user asks to continue it."""
+    ids = {run.config.run_id for run in runs}
+    stored = {run_id: r for run_id, r in sink.stored().items() if run_id in ids}
+    if stored and not (resume or replace):
+        done = sum(r.status == "ok" for r in stored.values())
+        raise CfbenchError(f"{sink.where} already holds {len(stored)} of these {len(ids)} runs "
+                           f"({done} ok); pass --resume to skip the finished ones and rerun the "
+                           f"rest, or give another {'--store' if sink.store_path else '--out'}")
+    return stored
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command's runs execute and what it is told: the same for every command."""
+
+    executor: Executor
+    resume: bool = False
+    """Skip runs the sink holds with status ok; rerun failed and interrupted ones. Without it,
+    a sink holding any run of the plan is an error, unless `replace`."""
+    replace: bool = False
+    """Without `resume`, rerun every run and replace what the sink holds (`cfbench run`)."""
+    batch_seeds: bool = False
+    command: str | None = None
+    progress: Report = silent  # told one line per finished run
+    report: Report = silent  # told notes (seeds not batched) and the summary at the end
+
+
+def run_plan(runs: Sequence[PlannedRun], sink: Sink, name: str, options: RunOptions
+             ) -> Outcome:
+    """Run what the sink does not hold as ok yet and commit each record as it arrives.
+    KeyboardInterrupt (Ctrl-C or SIGTERM) propagates after the runs in flight are committed as
+    interrupted and the summary is reported."""
+    stored = check_stored(runs, sink, options.resume, options.replace)
+    ok = {run_id: r for run_id, r in stored.items() if r.status == "ok" and options.resume}
+    todo = {run.config.run_id: run for run in runs if run.config.run_id not in ok}
+    outcome = Outcome(skipped=list(ok.values()),
+                      labels={run.config.run_id: run.label() for run in runs})
+
+    def on_records(records: list[RunRecord]) -> None:
+        for record in records:
+            record.command = options.command
+            record.selection = todo[record.run_id].selection or record.selection
+            with _signals_deferred():
+                sink.put(record)
+                outcome.add(record)
+            seconds = record.cost.get("train_seconds")
+            took = f" ({seconds:.1f} s training)" if seconds else ""
+            problem = f": {record.error}" if record.error else ""
+            done = len(outcome.ok) + len(outcome.failed) + len(outcome.interrupted)
+            options.progress(f"[{done}/{len(todo)}] {record.status} {record.run_id} "
+                             f"{outcome.labels[record.run_id]}{took}{problem}")
+
+    jobs = make_jobs([run.config for run in todo.values()], options.batch_seeds, options.report)
+    try:
+        options.executor.run(jobs, on_records)
+    except KeyboardInterrupt:  # say what was kept before it propagates
+        options.report(outcome.summary(name, sink.where))
+        raise
+    options.report(outcome.summary(name, sink.where))
+    return outcome
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, so a record is never half-committed;
+    then each caught signal is delivered to the handler it would have reached."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
