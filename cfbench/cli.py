@@ -172,7 +172,8 @@ def _execution_arguments(p: argparse.ArgumentParser, executor: str, *, resume: b
     if resume:
         p.add_argument("--resume", action="store_true",
                        help="skip runs already recorded with status ok; rerun failed and "
-                            "interrupted ones (without it, any run already recorded is an error)")
+                            "interrupted ones (without it, run reruns and replaces them; sweep "
+                            "and tune refuse a store that holds any)")
         p.add_argument("--plugin", action="append", default=[], metavar="FILE",
                        help="Python file that registers strategies or scenarios (repeatable; "
                             "imported in every worker too)")
