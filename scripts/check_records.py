@@ -2,9 +2,10 @@
 
 For every folder of records under ``results/`` this takes, per (scenario, strategy), the cheapest
 finished record, rebuilds its configuration, checks that the configuration still hashes to the
-record's run id, runs it on the CPU, and compares R exactly (every float, bit for bit). A run id
-that changed means the configuration's schema or a protocol default moved; an R that changed
-means the arithmetic or the order of random draws moved. Either is reported, with the record.
+record's run id, runs it on the CPU with the threads the record ran with, and compares R
+exactly (every float, bit for bit). A run id that changed means the configuration's schema or
+a protocol default moved; an R that changed means the arithmetic or the order of random draws
+moved. Either is reported, with the record.
 
     python scripts/check_records.py                 # every folder (about 30 CPU-minutes)
     python scripts/check_records.py --folder mnist-to-fashion --workers 2
@@ -64,8 +65,10 @@ def rerun(check: Check) -> tuple[Check, str | None, float]:
     from cfbench.experiment import execute
     from cfbench.records import RunConfig
 
-    torch.set_num_threads(1)
     record = json.loads(check.path.read_text())
+    # CPU kernels split reductions by thread count, so a record reproduces bitwise with the
+    # threads it ran with (recorded in its environment).
+    torch.set_num_threads(record["env"].get("threads") or 1)
     config = RunConfig.from_dict({**record["config"], "device": "cpu"})
     if config.run_id != record["run_id"]:
         return check, f"run id is now {config.run_id}", 0.0
@@ -85,7 +88,8 @@ def rerun(check: Check) -> tuple[Check, str | None, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", action="append", help="a folder of results/ (repeatable)")
-    parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes, each with the threads its record ran with")
     args = parser.parse_args(argv)
     checks = committed_checks(args.folder)
     if not checks:
