@@ -196,12 +196,22 @@ def _from_debian(scratch: Path) -> Path:
         return DEBIAN_FASHION_DIR
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise RuntimeError(f"{DEBIAN_FASHION_DIR} is missing and apt-get/dpkg-deb are not here")
-    subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=scratch, check=True,
-                   capture_output=True, text=True, timeout=600)
-    (deb,) = scratch.glob("dataset-fashion-mnist_*.deb")
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch / "deb")], check=True,
-                   capture_output=True, text=True)
-    return scratch / "deb" / DEBIAN_FASHION_DIR.relative_to("/")
+    tree = extract_debian_package("dataset-fashion-mnist", scratch)
+    return tree / DEBIAN_FASHION_DIR.relative_to("/")
+
+
+def extract_debian_package(spec: str, scratch: Path) -> Path:
+    """`apt-get download SPEC` (``name`` or ``name=version``; no root needed) and unpack it
+    with `dpkg-deb -x` under `scratch`; returns the root of its files. Raises
+    ``subprocess.SubprocessError`` when a tool fails and ValueError when no .deb arrived."""
+    name = spec.partition("=")[0]
+    subprocess.run(["apt-get", "download", spec], cwd=scratch, check=True, capture_output=True,
+                   text=True, timeout=600)
+    (deb,) = scratch.glob(f"{name}_*.deb")
+    tree = scratch / name
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, capture_output=True,
+                   text=True, timeout=600)
+    return tree
 
 
 SOURCES: dict[str, tuple[Source, ...]] = {

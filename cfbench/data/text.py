@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cfbench.data import extract_debian_package
 from cfbench.errors import CfbenchError
 
 
@@ -277,19 +278,13 @@ def _unpack(package: Package, scratch: Path, corpus: str) -> Path:
             raise CfbenchError(f"text corpus {corpus} is extracted from the Debian package "
                                f"{package.spec}, but `{tool}` is not on this machine")
     try:
-        subprocess.run(["apt-get", "download", package.spec], cwd=scratch, check=True,
-                       capture_output=True, text=True, timeout=600)
-        (deb,) = scratch.glob(f"{package.name}_*.deb")
-        tree = scratch / package.name
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True,
-                       capture_output=True, text=True, timeout=600)
+        return extract_debian_package(package.spec, scratch)
     except (subprocess.SubprocessError, ValueError) as exc:
         stderr = " ".join(str(getattr(exc, "stderr", "") or exc).split())[:200]
         raise CfbenchError(f"text corpus {corpus} needs the Debian package {package.spec}: "
                            f"`apt-get download {package.spec}` failed ({stderr}); make it work "
                            "(Debian 12 bookworm in apt's sources, `apt-get update`) and fetch "
                            "again") from None
-    return tree
 
 
 def _serialise(documents: Iterable[Document]) -> bytes:
