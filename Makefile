@@ -1,8 +1,9 @@
 # The two commands of the README. Each creates .venv and installs what it needs on first use.
 #   make leaderboard   naive, joint and EWC on Split MNIST, all three settings
 #   make test          the test suite (what CI runs through .ci/run; installs the ray extra,
-#                      which the sweep tests use, and the peers extra (Avalanche), which the
-#                      adapter's tests use)
+#                      which the sweep tests use, the peers extra (Avalanche, peft), which the
+#                      adapter's tests use, and the lm extra (transformers), which the
+#                      language-model tests use)
 #   make check-records reruns committed records and compares them bitwise (scripts/check_records.py)
 #   make reference     the reference leaderboard in results/reference (3 seeds; ~18 min on 2 cores)
 PYTHON ?= python3
@@ -13,7 +14,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser leaderboard reference transfer peers test bench lint check-records
+.PHONY: install browser leaderboard reference transfer lm peers test bench lint check-records
 STRATEGIES ?= naive,joint,ewc
 REF := results/reference
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	@echo "Installing cfbench and torch into $(VENV) (first run only; torch is large)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,ray,peers]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,ray,peers,lm]'
 	touch $@
 
 install: $(STAMP)
@@ -56,6 +57,18 @@ transfer: $(STAMP)
 		--store results/mnist-to-fashion/runs.sqlite --out results/mnist-to-fashion/runs
 	$(BIN)/cfbench leaderboard --records results/mnist-to-fashion/runs --plots \
 		--out results/mnist-to-fashion --format md --format html --format csv --format json
+
+# The language-model leaderboard in results/lm-general-to-code (tier 0, every applicable
+# strategy, 3 seeds; about an hour on 2 cores).
+lm: $(STAMP)
+	$(BIN)/cfbench data fetch textgenrnn
+	$(BIN)/cfbench data fetch fortunes
+	$(BIN)/cfbench data fetch python-code
+	$(BIN)/cfbench sweep results/lm-general-to-code/sweep.yaml --resume --quiet \
+		--executor process --workers 2 \
+		--store results/lm-general-to-code/runs.sqlite --out results/lm-general-to-code/runs
+	$(BIN)/cfbench leaderboard --records results/lm-general-to-code/runs --plots \
+		--out results/lm-general-to-code --format md --format html --format csv --format json
 
 # cfbench next to Avalanche 0.6.0 (results/performance/vs_avalanche.json; ~10 min).
 peers: $(STAMP)

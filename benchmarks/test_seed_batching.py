@@ -41,7 +41,7 @@ def test_ten_batched_seeds_against_three_single_runs(benchmark, mnist_root, stra
         start = time.perf_counter()
         many = execute_batched(configs, mnist_root)
         batched_s.append(time.perf_counter() - start)
-        assert all(r.cost["batched_seeds"] == SEEDS for r in many)
+        assert all(r.cost["stacked_runs"] == SEEDS for r in many)
         start = time.perf_counter()
         alone = [execute(c, mnist_root) for c in configs[:SINGLE]]
         single_s.append(time.perf_counter() - start)

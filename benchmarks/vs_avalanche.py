@@ -280,7 +280,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         feed = next(f for f, system in FEEDS.items() if system == args.worker)
         result = run_avalanche(pair, args.seed, size, feed, args.avalanche_eval_mb_size)
-    print(MARKER + json.dumps(result), flush=True)
+    print(MARKER + json.dumps(result, allow_nan=False), flush=True)
 
 
 def spawn(system: str, strategy: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         OUT.parent.mkdir(parents=True, exist_ok=True)
         partial = OUT.with_suffix(".json.partial")
-        partial.write_text(json.dumps(report, indent=1) + "\n")
+        partial.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
         partial.replace(OUT)
         print(f"\nwritten to {OUT.relative_to(ROOT)}", file=sys.stderr)
     return 0

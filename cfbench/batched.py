@@ -1,31 +1,33 @@
-"""Seed batching: K runs of one architecture and protocol trained as one stacked job, by a
-backend of the one loop (``cfbench.train``).
+"""Stacked runs: K runs of one architecture, scenario, setting, protocol and strategy (seeds,
+and grid points of a sweep or of ``cfbench tune``) trained as one stacked job, by a backend of
+the one loop (``cfbench.train``).
 
 Each member's model is built exactly as its own run builds it, and the K models are stacked into
 one set of parameters of shape (K, ...) (``torch.func.stack_module_state``). `StackedBackend`
 supplies only what differs from one model: the K networks' forward pass as batched matrix
 products (one ``baddbmm`` per layer, `_StackedLinear`), the backward pass of the sum over
 members of each member's loss and penalty (so member k's parameters get exactly member k's
-gradient), one optimizer of the protocol's kind over the stacked parameters (Adam and SGD are
-elementwise) and every member's outputs on a test batch at once. The loop (each member's own
-minibatch order, the budget, FLOPs, the non-finite check), the evaluator and the records are the
-single run's (``experiment.fill``).
+gradient), the protocol's optimizer over the stacked parameters with each member's own
+learning rate (`_MemberOptimizer`) and every member's outputs on a test batch at once. The loop
+(each member's own minibatch order, the budget, FLOPs, the non-finite check), the evaluator and
+the records are the single run's (``experiment.fill``).
 
 Hooks outside the step run per member, on an ordinary model holding that member's parameters,
 with its own strategy object and context. In-step hooks run in the stacked form that lives
 beside each strategy (``Strategy.stacked``, see ``cfbench.strategy.Stacked``), which stacks
-per-member state and hyperparameters, so members may differ in seed and hyperparameters. A
-strategy without one, or a backbone other than ``mlp:``, runs its seeds one at a time
-(`can_batch` says why).
+per-member state and the hyperparameters it names (``Stacked.per_member``). `stack_key` says
+which runs may share a job; a strategy without a stacked form, or a backbone other than
+``mlp:``, runs one run at a time (`can_batch` says why).
 
 On the CPU with one thread each member's record is bitwise its own run's (`_StackedLinear`
 differentiates as ``nn.Linear`` does); kernels that split work differently agree to float
-rounding. Costs are the job's divided by K, and ``cost["batched_seeds"] = K`` says so. A job
-that fails in any way is abandoned with a warning and its members rerun one at a time, so every
-record, a failed one included, is then its own run's.
+rounding. Costs are the job's divided by K, and ``cost["stacked_runs"] = K`` says so. A
+member whose loss stops being finite reruns alone (to its own failed record) and the others
+stack again without it; a job that fails in any other way is abandoned with a warning and its
+members rerun one at a time, so every record, a failed one included, is its own run's.
 
-Where it pays: a GPU runs one small MLP far below its capacity, so K seeds cost little more
-than one; a CPU saves only the per-step overhead.
+Where it pays: a GPU runs one small MLP far below its capacity, so K runs cost little more
+than one; a CPU saves the per-step overhead, most of a small-batch step's time.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from cfbench.strategy import (
     stacked_form,
     strategy_names,
 )
-from cfbench.train import ModelBackend, make_optimizer
+from cfbench.train import ModelBackend, NonFiniteLoss
 
 
 def _parts(strategy: Strategy) -> list[Strategy]:
@@ -81,51 +83,75 @@ def can_batch(config: RunConfig) -> str | None:
     return None
 
 
-def _key(config: RunConfig, *varying: str) -> str:
-    return json.dumps({k: v for k, v in config.to_dict().items() if k not in varying},
-                      sort_keys=True)
+def stack_key(config: RunConfig) -> str:
+    """What the runs of one stacked job share: the configuration less its seed, its learning
+    rate (each member steps at its own, `_MemberOptimizer`) and the hyperparameters each part's
+    stacked form reads per member (``Stacked.per_member``: EWC's lam, LwF's alpha). Every other
+    field must be equal: the model, batch size and budget fix the stacked shapes and steps, and
+    a strategy's other hyperparameters may change a member's batch shape or its data (replay's
+    memory and replay batch size) or state its form takes to be alike (L2-SP's groups). A
+    strategy without a stacked form varies in nothing but the seed and the learning rate."""
+    d = config.to_dict()
+    del d["seed"], d["protocol"]["lr"]
+    strategy = build_strategy(config.strategy, config.hparams, config.setting)
+    for name, part in zip(strategy_names(config.strategy), _parts(strategy), strict=True):
+        form = stacked_form(part)
+        for hparam in () if form is None else form.per_member:
+            d["hparams"].get(name, {}).pop(hparam, None)
+    return json.dumps(d, sort_keys=True)
 
 
 @dataclass(frozen=True)
-class SeedGroup:
-    """Configurations that differ only in their seed, and why they do not run as one batched
-    job (None: they do)."""
+class StackGroup:
+    """Runs that may share a stacked job (one `stack_key`), and why they do not (None: they
+    do)."""
 
     configs: tuple[RunConfig, ...]
     reason: str | None
 
 
-def seed_groups(configs: Iterable[RunConfig]) -> list[SeedGroup]:
-    """`configs` grouped by everything but the seed (in order of first appearance), each group
-    with the reason it cannot be batched, if any."""
+def stack_groups(configs: Iterable[RunConfig]) -> list[StackGroup]:
+    """`configs` grouped by `stack_key` (in order of first appearance), each group with the
+    reason it cannot be stacked, if any."""
     groups: dict[str, list[RunConfig]] = {}
     for config in configs:
-        groups.setdefault(_key(config, "seed"), []).append(config)
-    return [SeedGroup(tuple(g), "a single seed" if len(g) == 1 else can_batch(g[0]))
+        groups.setdefault(stack_key(config), []).append(config)
+    return [StackGroup(tuple(g), "a single run" if len(g) == 1 else can_batch(g[0]))
             for g in groups.values()]
 
 
 def execute_batched(configs: Sequence[RunConfig], data_root: Path,
                     on_task: Callable[[int, int], None] | None = None) -> list[RunRecord]:
-    """Run configurations that differ only in their seeds and hyperparameters as one stacked
-    job: one record each, as ``execute`` would give it, up to float rounding (see the module
-    doc). A job that fails is rerun run by run, with a warning."""
+    """Run configurations of one `stack_key` as one stacked job: one record each, as
+    ``execute`` would give it, up to float rounding (see the module doc). A job that fails is
+    rerun run by run, with a warning."""
     configs = list(configs)
-    if len({_key(c, "seed", "hparams") for c in configs}) != 1:
-        raise ValueError("execute_batched takes configurations that differ only in their seeds "
-                         "and hyperparameters")
+    if len({stack_key(c) for c in configs}) != 1:
+        raise ValueError("execute_batched takes runs that differ only in their seeds, learning "
+                         "rates and the hyperparameters their stacked form takes per member")
     reason = can_batch(configs[0])
     if reason is not None:
-        raise CfbenchError(f"cannot batch seeds: {reason}")
+        raise CfbenchError(f"cannot stack runs: {reason}")
     records = [new_record(c) for c in configs]
     try:
         fill(records, configs, data_root, on_task, backend=StackedBackend)
-    except CfbenchError:
+    except (CfbenchError, TimeoutError):  # a timeout: the job's time (K x the limit) is up
         raise
+    except NonFiniteLoss as exc:
+        # A grid point diverging (too large a rate or lam) is common: it runs alone, to its own
+        # failed record, and the others stack again without it.
+        k = exc.member
+        warnings.warn(f"run {k + 1} of a stacked job of {len(configs)} runs of "
+                      f"{configs[k].strategy} diverged ({exc}); it runs alone and the others "
+                      "stack again", RuntimeWarning, stacklevel=2)
+        rest = [*configs[:k], *configs[k + 1:]]
+        records = (execute_batched(rest, data_root, on_task) if len(rest) > 1
+                   else [execute(c, data_root, on_task) for c in rest])
+        return [*records[:k], execute(configs[k], data_root, on_task), *records[k:]]
     except Exception as exc:
-        warnings.warn(f"batched job of seeds {[c.seed for c in configs]} of "
-                      f"{configs[0].strategy} abandoned ({type(exc).__name__}: {exc}); running "
-                      "them one at a time", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"stacked job of {len(configs)} runs of {configs[0].strategy} (seeds "
+                      f"{sorted({c.seed for c in configs})}) abandoned ({type(exc).__name__}: "
+                      f"{exc}); running them one at a time", RuntimeWarning, stacklevel=2)
         return [execute(c, data_root, on_task) for c in configs]
     for record in records:
         record.finished_at = utc_now()
@@ -162,7 +188,8 @@ class StackedBackend(ModelBackend):
     def ready(self) -> None:
         protocol = self.scenario.protocol
         if protocol.reset_optimizer or self.optimizer is None:
-            self.optimizer = make_optimizer(protocol, list(self.params.values()))
+            self.optimizer = _MemberOptimizer(list(self.params.values()), protocol.optimizer,
+                                              [c.scenario.protocol.lr for c in self.ctxs])
         for form in self.forms:
             form.start_task()
 
@@ -206,6 +233,47 @@ class StackedBackend(ModelBackend):
     def scores(self, batch: Batch, predict: bool) -> torch.Tensor:
         outputs = self.forward(self.params, batch.x.expand(self.k, *batch.x.shape))
         return apply_mask(outputs, self.setting.mask(batch.task, self.ctxs[0].task_index))
+
+
+class _MemberOptimizer(torch.optim.Optimizer):
+    """``train.make_optimizer``'s SGD or Adam (torch's defaults) over stacked parameters, each
+    member at its own learning rate `lrs`: torch's single-tensor update with the rate a (K, 1,
+    ...) tensor, in torch's operations and order, so on the CPU each member steps bitwise as its
+    own run's optimizer. SGD's ``p.add_(g, alpha=-lr)`` is one fused multiply-add, as
+    ``addcmul`` with a tensor factor computes it; Adam's ``addcdiv`` rounds -step_size * m, then
+    the quotient, then the sum. Rates are formed in double and rounded once, as torch rounds
+    its Python scalars."""
+
+    def __init__(self, params: list[torch.Tensor], kind: str, lrs: Sequence[float]) -> None:
+        super().__init__(params, {})
+        self.adam = kind == "adam"
+        self.lrs = torch.tensor(lrs, dtype=torch.float64, device=params[0].device)
+        self.betas, self.eps = (0.9, 0.999), 1e-8
+
+    def _rate(self, divisor: float, like: torch.Tensor) -> torch.Tensor:
+        """-lr / divisor per member, shaped to broadcast against `like` (K, ...)."""
+        rate = (-(self.lrs / divisor)).to(like.dtype)
+        return rate.view(-1, *[1] * (like.dim() - 1))
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        beta1, beta2 = self.betas
+        for p in self.param_groups[0]["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if not self.adam:
+                p.addcmul_(g, self._rate(1.0, p))
+                continue
+            state = self.state[p]
+            if not state:
+                state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+            state["step"] += 1
+            m, v = state["m"], state["v"]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / (1 - beta2 ** state["step"]) ** 0.5).add_(self.eps)
+            p.add_(self._rate(1 - beta1 ** state["step"], p) * m / denom)
 
 
 class _StackedLinear(torch.autograd.Function):

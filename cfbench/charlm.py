@@ -1,13 +1,14 @@
-"""The tier-0 language model: textgenrnn's pretrained character-level LSTM, in PyTorch.
+"""The tier-0 language model: textgenrnn's pretrained character-level LSTM, in PyTorch: its
+weights, its vocabulary and its windows of text.
 
-The architecture is textgenrnn 2.0.0's ``textgenrnn_model`` (model.py, AttentionWeightedAverage.py)
-with its default configuration: a window of the previous 40 symbols (left-padded with index 0)
--> embedding (465 x 100) -> two stacked 128-unit LSTMs -> the embedding and both LSTMs' outputs
-concatenated per step (356 features) -> attention over the steps (one weight per feature, a
-softmax across steps, a weighted average) -> dense layer to 465 symbols. Every window starts
-from a zero LSTM state, as in textgenrnn's training, so the model scores the next character of
-a text from at most 40 previous symbols. Index 0 is padding; text starts with the ``<s>`` meta
-token.
+The architecture (`cfbench.models.TextgenrnnLM`) is textgenrnn 2.0.0's ``textgenrnn_model``
+(model.py, AttentionWeightedAverage.py) with its default configuration: a window of the previous
+40 symbols (left-padded with index 0) -> embedding (465 x 100) -> two stacked 128-unit LSTMs ->
+the embedding and both LSTMs' outputs concatenated per step (356 features) -> attention over the
+steps (one weight per feature, a softmax across steps, a weighted average) -> dense layer to 465
+symbols. Every window starts from a zero LSTM state, as in textgenrnn's training, so the model
+scores the next character of a text from at most 40 previous symbols. Index 0 is padding; text
+starts with the ``<s>`` meta token.
 
 The weights file was written by Keras 2.1.5 from CuDNNLSTM layers, so its LSTM tensors are in
 cuDNN's canonical layout, not Keras's: each gate's input block holds the bytes of a
@@ -28,15 +29,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from cfbench.data.text import sample_spans
 from cfbench.data.textgenrnn import textgenrnn_files
 from cfbench.errors import CfbenchError
+from cfbench.models import TextgenrnnLM
 
 MAX_LENGTH = 40
 META_TOKEN = "<s>"
@@ -59,30 +62,6 @@ class CharVocab:
         dropped."""
         index = self.index
         return [self.start] + [index[c] for c in re.sub(r"\s", " ", text) if c in index]
-
-
-class TextgenrnnLM(nn.Module):
-    """textgenrnn's network: (batch, window) symbol ids -> (batch, symbols) next-symbol logits.
-
-    An ordinary trainable module; `load_textgenrnn` fills it with the pretrained weights.
-    """
-
-    def __init__(self, symbols: int = 465, embedding_dim: int = 100, units: int = 128) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(symbols, embedding_dim)
-        self.rnn_1 = nn.LSTM(embedding_dim, units, batch_first=True)
-        self.rnn_2 = nn.LSTM(units, units, batch_first=True)
-        features = embedding_dim + 2 * units
-        self.attention = nn.Linear(features, 1, bias=False)
-        self.output = nn.Linear(features, symbols)
-
-    def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        embedded = self.embedding(windows)
-        h1, _ = self.rnn_1(embedded)
-        h2, _ = self.rnn_2(h1)
-        steps = torch.cat([embedded, h1, h2], dim=-1)
-        weights = torch.softmax(self.attention(steps).squeeze(-1), dim=-1)
-        return self.output((steps * weights.unsqueeze(-1)).sum(dim=1))
 
 
 def read_keras_weights(path: Path) -> dict[str, np.ndarray]:
@@ -115,25 +94,36 @@ def _cudnn_gates(kernel: np.ndarray, recurrent: np.ndarray) -> tuple[np.ndarray,
 
 def state_dict_from_keras(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """`TextgenrnnLM`'s state dict from textgenrnn's arrays (see the module's docstring)."""
-    state = {"embedding.weight": arrays["embedding/embeddings"],
-             "attention.weight": arrays["attention/W"].T,
-             "output.weight": arrays["output/kernel"].T,
-             "output.bias": arrays["output/bias"]}
+    state = {"features.embedding.weight": arrays["embedding/embeddings"],
+             "features.attention.weight": arrays["attention/W"].T,
+             "head.weight": arrays["output/kernel"].T,
+             "head.bias": arrays["output/bias"]}
     for layer in ("rnn_1", "rnn_2"):
         w_ih, w_hh = _cudnn_gates(arrays[f"{layer}/kernel"], arrays[f"{layer}/recurrent_kernel"])
         bias_ih, bias_hh = np.split(arrays[f"{layer}/bias"], 2)
-        state.update({f"{layer}.weight_ih_l0": w_ih, f"{layer}.weight_hh_l0": w_hh,
-                      f"{layer}.bias_ih_l0": bias_ih, f"{layer}.bias_hh_l0": bias_hh})
+        state.update({f"features.{layer}.weight_ih_l0": w_ih,
+                      f"features.{layer}.weight_hh_l0": w_hh,
+                      f"features.{layer}.bias_ih_l0": bias_ih,
+                      f"features.{layer}.bias_hh_l0": bias_hh})
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
             for k, v in state.items()}
 
 
+def pretrained_state(root: Path) -> dict[str, torch.Tensor]:
+    """`TextgenrnnLM`'s pretrained state dict from the data root (verified files)."""
+    return state_dict_from_keras(read_keras_weights(textgenrnn_files(root)[0]))
+
+
+def load_vocab(root: Path) -> CharVocab:
+    """textgenrnn's vocabulary from the data root (verified files)."""
+    return CharVocab.load(textgenrnn_files(root)[1])
+
+
 def load_textgenrnn(root: Path) -> tuple[TextgenrnnLM, CharVocab]:
-    """The pretrained tier-0 model and its vocabulary from the data root (verified files)."""
-    weights, vocab_path = textgenrnn_files(root)
-    vocab = CharVocab.load(vocab_path)
+    """The pretrained tier-0 model and its vocabulary."""
+    vocab = load_vocab(root)
     model = TextgenrnnLM(symbols=vocab.size)
-    model.load_state_dict(state_dict_from_keras(read_keras_weights(weights)))
+    model.load_state_dict(pretrained_state(root))
     return model, vocab
 
 
@@ -149,6 +139,22 @@ def next_char_windows(symbols: list[int], max_length: int = MAX_LENGTH
     starts = np.arange(1, n + 1)
     inputs = np.lib.stride_tricks.sliding_window_view(padded, max_length)[starts]
     return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(padded[max_length + 1:])
+
+
+def sample_windows(texts: Sequence[str], vocab: CharVocab, characters: int, span: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(windows N x 40 as int16, next symbols N) for up to `characters` targets, cut from the
+    spans of ``cfbench.data.text.sample_spans``. Every target keeps its own context (the 40
+    symbols before it in its text), so a span cut from the middle of a document reads as it
+    does in place."""
+    windows, targets = [], []
+    for symbols, start, length in sample_spans(texts, vocab.encode, characters, span, generator):
+        inputs, nexts = next_char_windows(symbols)
+        windows.append(inputs[start:start + length].to(torch.int16))
+        targets.append(nexts[start:start + length])
+    if not targets:
+        raise CfbenchError("no in-vocabulary characters to make windows from")
+    return torch.cat(windows), torch.cat(targets)
 
 
 @torch.no_grad()

@@ -6,13 +6,14 @@ Heavy modules (torch, pandas) are imported inside the commands so that `cfbench 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cfbench import __version__
 from cfbench.errors import CfbenchError
@@ -33,14 +34,22 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def _nonnegative_int(text: str) -> int:
+    return _integer(text, 0, "a non-negative integer")
 
 
 def _positive_float(text: str) -> float:
@@ -48,13 +57,21 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
+    if not 0 < value < math.inf:  # not inf either: no run would end, no timer takes it
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ours: one line naming the flag and where help is, exit 2,
+    instead of a usage block (subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CfbenchError(f"{message} (see `{self.prog} --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cfbench",
         description="Benchmark catastrophic-forgetting mitigation strategies on task sequences.",
     )
@@ -78,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                         "declares it")
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="number of training seeds (0..N-1)")
-    p.add_argument("--scenario-seed", type=int, default=0,
+    p.add_argument("--scenario-seed", type=_nonnegative_int, default=0,
                    help="seed of the task sequence (class order, permutations)")
     p.add_argument("--tasks", type=_positive_int, help="number of tasks (scenarios with a "
                                                         "'tasks' option)")
@@ -132,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write leaderboard.<ext> per format (and plots/) here instead of "
                         "printing")
     p.add_argument("--plots", action="store_true", help="also draw the figures (needs --out)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out run records that are not valid, with a warning each "
+                        "(default: the first one is an error)")
 
     p = sub.add_parser("reproduce", help="rerun a published table with our strategies and "
                                          "print our numbers beside the published ones")
@@ -159,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download (or copy from offline sources) and verify")
     f.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10", "cifar100", "medmnist",
-                                    *TEXT_CORPORA, "textgenrnn"])
+                                    *TEXT_CORPORA, "textgenrnn", "gpt2-gcide"])
     f.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     f.add_argument("--size", type=int, choices=[28, 64, 128, 224], default=28,
                    help="MedMNIST image size (the imagenet-to-medmnist option medmnist_size)")
@@ -185,11 +205,16 @@ def _execution_arguments(p: argparse.ArgumentParser, executor: str, *, resume: b
                         "the cluster's CPUs hold)")
     p.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); "
                                      "default: start a local Ray instance")
-    p.add_argument("--batch-seeds", action="store_true",
-                   help="train the seeds of each configuration as one stacked job where the "
-                        "strategy allows it (same records; faster on a GPU)")
+    p.add_argument("--stack", "--batch-seeds", dest="stack", action="store_true",
+                   help="train runs that differ only in seed, learning rate or a hyperparameter "
+                        "the strategy takes per member (EWC's lam, LwF's alpha) as one stacked "
+                        "job where the strategy allows it (the same records; less overhead per "
+                        "step; a job of K runs may take K times the timeout)")
     p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     p.add_argument("--quiet", action="store_true", help="no line per finished run")
+    p.add_argument("--yes", action="store_true",
+                   help="go ahead with a plan of very many runs (refused without it, with the "
+                        "count)")
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -262,12 +287,13 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from cfbench.formats import render
     from cfbench.leaderboard import Provenance, summarize
     from cfbench.records import DEFAULT_OUT
-    from cfbench.runs import PlannedRun, Sink, run_plan
+    from cfbench.runs import PlannedRun, Sink, check_run_count, run_plan
 
     for path in args.plugin:
         load_plugin(path)
     entry = registry.scenarios.get(args.scenario)
     settings = list(entry.settings) if args.setting == "all" else _csv(args.setting)
+    check_run_count(len(settings) * len(args.strategy) * args.seeds, args.yes)
     if args.tasks is not None and not any(hp.name == "tasks" for hp in entry.hparams):
         raise CfbenchError(f"--tasks does not apply to scenario '{args.scenario}'; it has a "
                            "fixed task sequence")
@@ -281,13 +307,14 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         scenario_options["tasks"] = args.tasks
     root = data_root(args.data_root)
     options = _options(args, argv, root, timeout=args.timeout, report=_stderr, replace=True)
+    sink = Sink(args.out or DEFAULT_OUT, args.store)  # checked before planning loads any data
     configs = plan_runs(
         scenario=args.scenario, settings=settings, strategies=args.strategy,
         hparams=parse_hparams(args.hp, args.strategy), seeds=range(args.seeds),
         scenario_seed=args.scenario_seed, scenario_options=scenario_options,
         protocol_overrides=_protocol_overrides(args), device=args.device, data_root=root,
     )
-    with Sink(args.out or DEFAULT_OUT, args.store) as sink:
+    with sink:
         outcome = run_plan([PlannedRun(c) for c in configs], sink, "cfbench run", options)
     records = outcome.records()
     if any(r.status == "ok" for r in records):
@@ -310,7 +337,7 @@ def _options(args: argparse.Namespace, argv: Sequence[str] | None, root: Path, *
     executor = make_executor(args.executor, RunSetup(root.resolve(), plugins, timeout),
                              workers=args.workers, address=args.address, cpus=cpus, gpus=gpus)
     return RunOptions(executor, resume=getattr(args, "resume", True), replace=replace,
-                      batch_seeds=args.batch_seeds, report=report,
+                      stack=args.stack, report=report,
                       command=shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)]),
                       progress=silent if args.quiet else _stderr)
 
@@ -320,6 +347,7 @@ def _stderr(line: str) -> None:
 
 
 def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from cfbench.formats import one_line
     from cfbench.records import DEFAULT_OUT, find_record
     from cfbench.store import Store
 
@@ -328,29 +356,35 @@ def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             record = store.find(args.run_id)
     else:
         record = find_record(args.run_id, Path(args.out) if args.out else DEFAULT_OUT)
+
+    def say(text: str = "") -> None:  # a record's text never steers the terminal
+        print(one_line(text))
+
     c = record.config
-    print(f"run {record.run_id}  status {record.status}  {record.started_at} -> "
-          f"{record.finished_at}")
-    print(f"{c['scenario']} / {c['setting']} / {c['strategy']}  seed {c['seed']}  scenario seed "
-          f"{c['scenario_seed']}  device {c['device']}")
-    print(f"hyperparameters: {c['hparams']}")
+    say(f"run {record.run_id}  status {record.status}  {record.started_at} -> "
+        f"{record.finished_at}")
+    say(f"{c['scenario']} / {c['setting']} / {c['strategy']}  seed {c['seed']}  scenario seed "
+        f"{c['scenario_seed']}  device {c['device']}")
+    say(f"hyperparameters: {c['hparams']}")
     if record.selection:
         from cfbench.leaderboard import describe_selection
 
-        print(f"selection: {describe_selection(record.selection)}")
+        say(f"selection: {describe_selection(record.selection)}")
     if c.get("validation"):
-        print(f"evaluated on a validation split of the training data: {c['validation']}")
-    print(f"protocol: {c['protocol']}")
+        say(f"evaluated on a validation split of the training data: {c['validation']}")
+    say(f"protocol: {c['protocol']}")
     if record.error:
-        print(f"error: {record.error}")
+        say(f"error: {record.error}")
     if record.R:
         names = [t["name"] for t in record.tasks] or [str(i + 1) for i in range(len(record.R[0]))]
-        print("\nR (accuracy %, row t = after training task t; row 0 = before training)")
-        print("      " + " ".join(f"{n:>7}" for n in names))
+        say()
+        say("R (accuracy %, row t = after training task t; row 0 = before training)")
+        say("      " + " ".join(f"{n:>7}" for n in names))
         for t, row in enumerate(record.R):
-            print(f"t={t:<3} " + " ".join(f"{100 * v:7.2f}" for v in row))
-    print("\nmetrics: " + ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()))
-    print("cost: " + ", ".join(f"{k}={v}" for k, v in record.cost.items()))
+            say(f"t={t:<3} " + " ".join(f"{100 * v:7.2f}" for v in row))
+    say()
+    say("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()))
+    say("cost: " + ", ".join(f"{k}={v}" for k, v in record.cost.items()))
     return 0
 
 
@@ -365,11 +399,20 @@ def _cmd_leaderboard(args: argparse.Namespace, argv: Sequence[str] | None) -> in
         raise CfbenchError("--plots writes files: give --out DIR")
     if len(formats) > 1 and not args.out:
         raise CfbenchError("several --format values write files: give --out DIR")
+    if args.out:
+        from cfbench.runs import check_writable
+
+        check_writable(Path(args.out), "--out", directory=True)
+
+    def skipped(exc: CfbenchError) -> None:
+        print(f"cfbench: warning: skipped {exc}", file=sys.stderr)
+
+    on_bad = skipped if args.skip_bad else None
     if args.store:
         with Store(_existing(args.store)) as store:
-            records = store.records(scenario=args.scenario)
+            records = store.records(scenario=args.scenario, on_bad=on_bad)
     else:
-        records = read_records(Path(args.records) if args.records else DEFAULT_OUT)
+        records = read_records(Path(args.records) if args.records else DEFAULT_OUT, on_bad)
         if args.scenario:
             records = [r for r in records if r.config["scenario"] == args.scenario]
     if not any(r.status == "ok" for r in records):
@@ -411,9 +454,10 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     out = Path(args.out) if args.out else Path("results") / repro.name
     root = data_root(args.data_root)
     options = _options(args, argv, root, report=_stderr)
+    sink = Sink(out / "runs")  # checked before planning loads any data
     plan = reproduce.plan(repro, data_root=root, seeds=args.seeds, rows=args.row,
                           settings=args.setting, epochs=args.epochs, device=args.device)
-    with Sink(out / "runs") as sink:
+    with sink:
         outcome = run_plan([PlannedRun(c, {"row": row.label}) for row, _, configs in plan
                             for c in configs], sink, repro.name, options)
     text = (reproduce.table(repro, reproduce.results(repro, plan, outcome.records()))
@@ -438,13 +482,15 @@ def _sweep_setup(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[
 
 
 def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from cfbench.runs import Sink, run_plan
-    from cfbench.sweep import dry_run_table, plan
+    from cfbench.runs import Sink, check_run_count, run_plan
+    from cfbench.sweep import dry_run_table, plan, size
 
     sweep, root, options = _sweep_setup(args, argv)
-    runs = plan(sweep, root)
+    check_run_count(size(sweep), args.yes)
     store = Path(args.store) if args.store else sweep.default_store()
-    with Sink(args.out, store) as sink:
+    sink = Sink(args.out, store)  # checked before planning loads any data
+    runs = plan(sweep, root)
+    with sink:
         if args.dry_run:
             print(dry_run_table(runs, sink.stored()), end="")
             print(f"{len(runs)} runs; {sink.where}", file=sys.stderr)
@@ -455,9 +501,13 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from cfbench.runs import check_run_count
+    from cfbench.sweep import size
     from cfbench.tune import tune
 
     sweep, root, options = _sweep_setup(args, argv)
+    check_run_count(size(sweep, [*sweep.tune.seeds, *sweep.seeds] if sweep.tune else None),
+                    args.yes)
     store = Path(args.store) if args.store else sweep.default_store("-tuned")
     return 0 if tune(sweep, root, store, options, out=args.out, dry_run=args.dry_run) else \
         EXIT_RUN_FAILED
@@ -477,6 +527,10 @@ def _cmd_data(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         from cfbench.data.textgenrnn import fetch_textgenrnn
 
         path = fetch_textgenrnn(root)
+    elif args.name == "gpt2-gcide":
+        from cfbench.gpt import fetch_gpt2_gcide
+
+        path = fetch_gpt2_gcide(root)
     elif args.name == "medmnist":
         path = fetch_medmnist(root, size=args.size)
     elif args.name in LAYOUTS:
@@ -493,10 +547,10 @@ COMMANDS = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     # SIGTERM, what a cluster scheduler sends before it kills a job, is handled as Ctrl-C is.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        args = _parser().parse_args(argv)
         return COMMANDS[args.command](args, argv)
     except CfbenchError as exc:
         print(f"cfbench: error: {exc}", file=sys.stderr)

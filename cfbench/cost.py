@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import time
 from pathlib import Path
@@ -38,6 +39,28 @@ def reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this machine can still give (Linux: MemAvailable; elsewhere the free pages where
+    the OS reports them; None when unknown)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_fits(nbytes: int, what: str, fix: str) -> None:
+    """Refuse to build `what` when its estimated `nbytes` exceed the memory available, so a
+    scenario too large fails in a line instead of an allocation error or the OOM killer.
+    Raises ValueError, a scenario's bad option."""
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise ValueError(f"{what} need about {nbytes / 1e9:.1f} GB of memory, and "
+                         f"{available / 1e9:.1f} GB is available; {fix}")
 
 
 def peak_rss_bytes() -> int:

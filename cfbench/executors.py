@@ -1,7 +1,8 @@
 """Where runs execute: serially, in a local process pool, or as Ray tasks.
 
-The unit of work is a job (`make_jobs`): the seeds of one configuration when seed batching is on
-and possible, else one configuration; `run_job`, the one caller of the engine, executes it.
+The unit of work is a job (`make_jobs`): with stacking on, runs that can train as one stacked
+job (seeds and grid points, ``cfbench.batched``), else one run; `run_job`, the one caller of the
+engine, executes it.
 ``executor.run(jobs, on_records)`` hands each job's records to the driver as it ends, so the
 driver alone writes the sink. A run never takes the others down: an exception or a non-finite
 loss is a failed record, a job past its timeout is stopped and a dead worker (killed, out of
@@ -16,7 +17,6 @@ after a crash) starts in a fraction of a second instead of importing torch again
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
 import multiprocessing
@@ -43,7 +43,7 @@ this much later is killed by the driver."""
 
 OnRecords = Callable[[list[RunRecord]], None]
 Job = tuple[RunConfig, ...]
-"""Configurations run together: the seeds of one configuration (batched), or a single one."""
+"""Configurations run together: the runs of one stacked job, or a single one."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class RunSetup:
     """Python files registering strategies or scenarios, imported in every worker."""
     timeout: float | None = None
     """Seconds a run may take (training and evaluation; loading the data is not counted);
-    past it the run is recorded as failed. A batched job of K seeds may take K times this."""
+    past it the run is recorded as failed. A stacked job of K runs may take K times this."""
 
     def limit(self, job: Job) -> float | None:
         """The timeout of `job`: the per-run timeout times the runs it holds."""
@@ -72,8 +72,9 @@ def _wait_until(moment: float) -> float | None:
     return None if moment == math.inf else max(0.0, moment - time.monotonic())
 
 
-class RunTimeout(Exception):
-    """A run exceeded its time limit (raised inside the run by an alarm)."""
+class RunTimeout(TimeoutError):
+    """A run exceeded its time limit (raised inside the run by an alarm). A TimeoutError, so
+    the engine knows it without importing this module (a stacked job does not rerun it)."""
 
 
 def cpu_count() -> int:
@@ -102,7 +103,8 @@ def _deadline(seconds: float | None) -> Iterator[None]:
             raise RunTimeout(f"the run exceeded its timeout of {seconds:g} s and was stopped")
 
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # The interval timer overflows past about 2^31 s; a limit beyond years is no limit.
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, 2.0**30))
     try:
         yield
     finally:
@@ -124,20 +126,40 @@ def _warm_up() -> None:
     environment("cpu")
 
 
-def make_jobs(configs: Sequence[RunConfig], batch_seeds: bool, note: Callable[[str], None]
-              ) -> list[Job]:
-    """`configs` as jobs: with `batch_seeds`, each seed group that can be batched is one job
-    (`note` is told why a group of several seeds cannot be); otherwise one job per run."""
-    if not batch_seeds:
-        return [(config,) for config in configs]
-    from cfbench.batched import seed_groups
+MOST_STACKED = 16
+"""Runs in one stacked job at most: a job holds K models and strategy states and may take K
+times the timeout, and past tens of members a CPU's caches no longer hold the stacked weights,
+so each member's step costs more."""
 
-    groups = seed_groups(configs)
-    for group in groups:
-        if group.reason is not None and len(group.configs) > 1:
-            note(f"{group.configs[0].strategy}: seeds run one at a time ({group.reason})")
+
+def make_jobs(configs: Sequence[RunConfig], stack: bool, note: Callable[[str], None],
+              slots: int = 1) -> list[Job]:
+    """`configs` as jobs: without `stack` one job per run. With it, the runs of each group that
+    can share a stacked job (``cfbench.batched.stack_groups``: seeds, learning rates and grid
+    points of per-member hyperparameters) do, a group split into near-equal jobs where that
+    keeps `slots` jobs running at once (runs in parallel beat a longer stack) or its jobs at
+    most MOST_STACKED runs; `note` is told, once per reason, why a group cannot stack."""
+    if not stack:
+        return [(config,) for config in configs]
+    from cfbench.batched import stack_groups
+
+    groups = stack_groups(configs)
+    notes = [f"{g.configs[0].strategy}: runs one at a time ({g.reason})" for g in groups
+             if g.reason is not None and len(g.configs) > 1]
+    for line in dict.fromkeys(notes):
+        note(line)
+    stacks = [g.configs for g in groups if g.reason is None]
+    alone = sum(len(g.configs) for g in groups if g.reason is not None)
+    parts = [-(-len(runs) // MOST_STACKED) for runs in stacks]
+    while stacks and alone + sum(parts) < slots:
+        i = max(range(len(stacks)), key=lambda j: len(stacks[j]) / parts[j])
+        if parts[i] == len(stacks[i]):  # every job holds one run
+            break
+        parts[i] += 1
+    chunks = iter([[runs[j * len(runs) // n:(j + 1) * len(runs) // n] for j in range(n)]
+                   for runs, n in zip(stacks, parts, strict=True)])
     return [job for g in groups
-            for job in ([tuple(g.configs)] if g.reason is None else [(c,) for c in g.configs])]
+            for job in (next(chunks) if g.reason is None else [(c,) for c in g.configs])]
 
 
 def run_job(job: Job, setup: RunSetup) -> list[RunRecord]:
@@ -158,8 +180,8 @@ def run_job(job: Job, setup: RunSetup) -> list[RunRecord]:
             if len(job) == 1:
                 return [execute(first, setup.data_root)]
             return execute_batched(job, setup.data_root)
-    except RunTimeout as exc:  # fired outside the engine's own handler
-        return _unfinished(job, "failed", f"RunTimeout: {exc}")
+    except TimeoutError as exc:  # fired outside the engine's handler, or a stacked job's
+        return _unfinished(job, "failed", f"{type(exc).__name__}: {exc}")
     except CfbenchError as exc:  # the worker's environment differs from the driver's
         return _unfinished(job, "failed", f"CfbenchError: {exc}")
 
@@ -168,6 +190,12 @@ class Executor(ABC):
     """Runs jobs and hands their records to `on_records` in the calling process."""
 
     setup: RunSetup
+
+    @property
+    def slots(self) -> int:
+        """Jobs run at once, as far as it is known before they start (`make_jobs` splits
+        stacked groups to keep them busy): the workers asked for, else one."""
+        return getattr(self, "workers", None) or 1
 
     @abstractmethod
     def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
@@ -213,20 +241,30 @@ PRELOAD = ["torch", "cfbench.experiment", "cfbench.executors", "cfbench.strategi
 four are what the FLOP counter imports on first use: seconds per worker otherwise)."""
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker when its parent dies. The parent is the fork
-    server, which exits when the driver does, even by kill -9."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
+def _die_with_driver() -> None:
+    """Exit the moment the driver exits, even by kill -9, whatever this worker is doing.
+
+    Its parent sentinel is a pipe whose write end only the driver holds, so it turns ready when
+    the driver dies; a daemon thread waits on it (on every OS). The kernel's parent-death
+    signal would watch the fork server instead, which never sees the driver go while a worker
+    lives: each worker inherits the server's "alive" pipe. Once the workers are gone, the
+    server and the resource tracker read EOF and exit too."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        wait([sentinel])
         os._exit(1)
+
+    threading.Thread(target=watch, name="cfbench-driver-watch", daemon=True).start()
 
 
 def _worker_main(conn: Connection, setup: RunSetup, threads: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # the driver's to handle, for the group too
         signal.signal(signum, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_driver()
     import torch
 
     torch.set_num_threads(threads)

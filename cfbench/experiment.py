@@ -104,6 +104,10 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
         resolved = resolve_hparams(strategy, own)
         for setting in settings:
             built_strategy = build_strategy(strategy, resolved, setting)  # fail on bad values
+            reason = built_strategy.refuses(built)
+            if reason:
+                raise CfbenchError(f"strategy '{strategy}' does not apply to scenario "
+                                   f"'{scenario}': {reason}")
             if not protocol.reset_optimizer and overrides(built_strategy, "param_groups"):
                 raise CfbenchError(f"strategy '{strategy}' sets its own parameter groups for "
                                    "each task, which needs reset_optimizer=True")
@@ -161,9 +165,9 @@ def unfinished_record(config: RunConfig, status: str, reason: str, started_at: s
 def fill(records: Sequence[RunRecord], configs: Sequence[RunConfig], data_root: Path,
          on_task: Callable[[int, int], None] | None = None,
          backend: type[ModelBackend] = ModelBackend) -> None:
-    """Train `configs` (K >= 1 configurations of one scenario, setting and protocol) through
-    one `backend` of the loop and fill one record each. `on_task` is called as each run's own
-    loop would call it. Costs are the job's divided by K."""
+    """Train `configs` (K >= 1 configurations of one scenario, setting and protocol but for
+    the learning rate) through one `backend` of the loop and fill one record each. `on_task`
+    is called as each run's own loop would call it. Costs are the job's divided by K."""
     config = configs[0]
     device = torch.device(config.device)
     scenario, setting = training_scenario(config, data_root)
@@ -176,7 +180,8 @@ def fill(records: Sequence[RunRecord], configs: Sequence[RunConfig], data_root: 
         if c.protocol.compile:
             model.compile()
         strategies.append(build_strategy(c.strategy, c.hparams, c.setting))
-        ctxs.append(TrainContext.create(model, scenario, setting, c.seed, device))
+        own = dataclasses.replace(scenario, protocol=c.protocol)  # members differ in lr
+        ctxs.append(TrainContext.create(model, own, setting, c.seed, device))
     job = backend(ctxs, strategies)
     warm_up()
     train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
@@ -218,7 +223,8 @@ def fill(records: Sequence[RunRecord], configs: Sequence[RunConfig], data_root: 
                                                    strict=True):
         record.R = table.pop("R")
         record.matrices = table
-        record.metrics = run_metrics(record.R, ctx.model, begun, transfer=bool(first))
+        record.metrics = run_metrics(record.R, record.matrices, ctx.model, begun,
+                                     transfer=bool(first))
         record.strategy_log = ctx.log
         record.cost = {
             "train_seconds": train_clock.seconds / job.k,
@@ -230,17 +236,21 @@ def fill(records: Sequence[RunRecord], configs: Sequence[RunConfig], data_root: 
             "state_bytes": strategy.state_bytes(),
         }
         if job.batched:
-            record.cost["batched_seeds"] = job.k
+            record.cost["stacked_runs"] = job.k
 
 
-def run_metrics(R: list[list[float]], model: torch.nn.Module, start: Mapping[int, torch.Tensor],
-                transfer: bool) -> dict[str, float]:
+def run_metrics(R: list[list[float]], matrices: Mapping[str, list[list[float]]],
+                model: torch.nn.Module, start: Mapping[int, torch.Tensor], transfer: bool
+                ) -> dict[str, float]:
     """A finished run's metrics: those of R, parameter drift, and in a transfer scenario the
-    share of the source kept (``rem_source``) and the downstream tasks' ACC (``acc_target``)."""
+    share of the source kept (``rem_source``) and the downstream tasks' ACC (``acc_target``),
+    plus, where held-out loss is kept (language models), the perplexities."""
     out = {**metrics.all_metrics(R), "drift": parameter_drift(model, start)}
     if transfer:
         out["rem_source"] = metrics.transfer_remembering(R)
         out["acc_target"] = metrics.target_accuracy(R)
+        if "loss" in matrices:
+            out.update(metrics.language_metrics(matrices["loss"]))
     return out
 
 

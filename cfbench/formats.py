@@ -2,14 +2,21 @@
 
 Every format carries the caption (conventions, the tie test) and the provenance. The HTML page
 is self-contained: inline CSS and JavaScript, plots embedded as data URIs, no network needed.
+
+Text from records (names, hyperparameters, commands) may be anything a file can hold, so it is
+made inert here, in one place per concern: `one_line` writes control characters as escapes (no
+field ends a line, a TeX comment or a CSV row, or drives a terminal), each format escapes its
+own special characters, and `file_stem` makes a file name that cannot leave its folder.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +29,34 @@ if TYPE_CHECKING:
 FORMATS = ("text", "md", "csv", "json", "latex", "html")
 EXTENSIONS = {"text": "txt", "md": "md", "csv": "csv", "json": "json", "latex": "tex",
               "html": "html"}
-SHOWN = ["acc", "bwt", "fwt", "fm", "rem", "rem_source", "acc_target", "la", "train_seconds",
+SHOWN = ["acc", "bwt", "fwt", "fm", "rem", "rem_source", "acc_target", "la",
+         "source_ppl_before", "source_ppl_after", "source_logppl_increase", "target_ppl_before",
+         "target_ppl_after", "train_seconds",
          "peak_rss_mb", "peak_gpu_mb", "train_gflops", "state_mb"]
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069"
+                      "\ud800-\udfff]")
+"""Control characters, line and paragraph separators, bidirectional overrides, lone surrogates."""
+_NOT_IN_STEM = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def one_line(text: object) -> str:
+    """`text` with every control character written as its escape sequence (a newline as
+    ``\\n``), so that text from a record stays on its line and cannot steer a terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
+
+
+def file_stem(*parts: str) -> str:
+    """A file name from `parts` (joined by '-') that names a file in its folder and nowhere
+    else: runs of characters other than letters, digits and ``._+-`` become '_', a leading '.'
+    or '-' goes, the length is capped, and a hash of the parts is appended when anything
+    changed, so two different names never share a file."""
+    text = "-".join(parts)
+    stem = _NOT_IN_STEM.sub("_", text).lstrip(".-")[:100] or "_"
+    if stem == text:
+        return stem
+    return f"{stem}-{hashlib.sha256(text.encode(errors='surrogatepass')).hexdigest()[:12]}"
 
 
 def _shown(summary: pd.DataFrame) -> list[str]:
@@ -77,19 +110,30 @@ def render_text(summary: pd.DataFrame, provenance: Provenance, convention: str) 
     from rich.table import Table
 
     buffer = io.StringIO()
-    console = Console(file=buffer, width=200, color_system=None)
+    # No markup, emoji codes or highlighting: a name like "[/]" or ":x:" is printed as it is.
+    console = Console(file=buffer, width=200, color_system=None, markup=False, emoji=False,
+                      highlight=False)
     columns = _shown(summary)
     for scenario, setting, block in blocks(summary):
-        table = Table(title=f"{scenario} — {setting} setting", title_justify="left")
+        table = Table(title=one_line(f"{scenario} — {setting} setting"), title_justify="left")
         for i, name in enumerate(_header(columns)):
             table.add_column(name, justify="left" if i == 0 else "right")
         for _, row in block.iterrows():
-            table.add_row(*_row(row, columns))
+            table.add_row(*map(one_line, _row(row, columns)))
         console.print(table)
     console.print(caption(convention), soft_wrap=True)
     for line in provenance.lines():
-        console.print(line, soft_wrap=True)
+        console.print(one_line(line), soft_wrap=True)
     return buffer.getvalue()
+
+
+_MD = re.compile(r"[\\`*|<>\[\]$~]")
+
+
+def _md(text: str) -> str:
+    """Text from a record as Markdown shows it literally: one line, and no table cell break,
+    HTML, code span, link, emphasis or maths."""
+    return _MD.sub(r"\\\g<0>", one_line(text))
 
 
 def render_md(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
@@ -97,39 +141,52 @@ def render_md(summary: pd.DataFrame, provenance: Provenance, convention: str) ->
     out = []
     for scenario, setting, block in blocks(summary):
         header = _header(columns)
-        out += [f"### {scenario} — {setting} setting", "",
+        out += [f"### {_md(scenario)} — {_md(setting)} setting", "",
                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(_row(row, columns)) + " |" for _, row in block.iterrows()]
+        out += ["| " + " | ".join(map(_md, _row(row, columns))) + " |"
+                for _, row in block.iterrows()]
         out.append("")
     out += [caption(convention), ""]
-    out += [f"- {line}" for line in provenance.lines()]
+    out += [f"- {_md(line)}" for line in provenance.lines()]
     return "\n".join(out) + "\n"
 
 
+def _csv_cell(value: object) -> object:
+    """Text on one line, and prefixed with ' where a spreadsheet would run it as a formula."""
+    if not isinstance(value, str):
+        return value
+    text = one_line(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
 def render_csv(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
-    comments = "".join(f"# {line}\n" for line in [*provenance.lines(), caption(convention)])
-    return comments + summary.to_csv(index=False)
+    comments = "".join(f"# {one_line(line)}\n"
+                       for line in [*provenance.lines(), caption(convention)])
+    text = {c: summary[c].map(_csv_cell) for c in summary if summary[c].dtype.kind not in "biufc"}
+    return comments + summary.assign(**text).to_csv(index=False)
 
 
 def render_json(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
     rows = json.loads(summary.to_json(orient="records"))
     return json.dumps({"convention": convention, "caption": caption(convention),
-                       "provenance": provenance.to_dict(), "rows": rows}, indent=1) + "\n"
+                       "provenance": provenance.to_dict(), "rows": rows}, indent=1,
+                      allow_nan=False) + "\n"
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#",
           "{": r"\{", "}": r"\}", "$": r"\$", "±": r"$\pm$", "—": "--", ">": r"$>$",
-          "<": r"$<$"}
+          "<": r"$<$", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}"}
+"""TeX's special characters ("^^5c" would be a backslash), written as text."""
 
 
 def _latex_escape(text: str) -> str:
-    return "".join(_LATEX.get(ch, ch) for ch in text)
+    return "".join(_LATEX.get(ch, ch) for ch in one_line(text))
 
 
 def render_latex(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
     """booktabs tables, one per scenario and setting; the best row bold, tied rows italic."""
     columns = _shown(summary)
-    out = [f"% {line}" for line in provenance.lines()]
+    out = [f"% {one_line(line)}" for line in provenance.lines()]
     out.append("% requires \\usepackage{booktabs}")
     for scenario, setting, block in blocks(summary):
         header = _header(columns)[:-1]
@@ -198,7 +255,10 @@ def render_html(summary: pd.DataFrame, provenance: Provenance, convention: str,
                 plots: Mapping[tuple[str, str], Sequence[Path]] | None = None) -> str:
     """One page: a section per scenario, a sortable table per setting, its plots inline."""
     columns = _shown(summary)
-    esc = html.escape
+
+    def esc(text: str) -> str:
+        return html.escape(one_line(text))
+
     by_scenario: dict[str, list[str]] = {}
     for scenario, setting, block in blocks(summary):
         parts = [f"<h3>{esc(setting)} setting</h3>", "<table class='board'><thead><tr>"]

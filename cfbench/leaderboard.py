@@ -37,6 +37,9 @@ COLUMNS: dict[str, tuple[str, str, int]] = {
     "fm": ("FM", "%", 1), "rem": ("REM", "%", 1), "rem_source": ("REM src", "%", 1),
     "acc_target": ("ACC tgt", "%", 1),
     "la": ("LA", "%", 1),
+    "source_ppl_before": ("src PPL pre", "", 2), "source_ppl_after": ("src PPL post", "", 2),
+    "source_logppl_increase": ("src Δ log PPL", "nats", 3),
+    "target_ppl_before": ("tgt PPL pre", "", 2), "target_ppl_after": ("tgt PPL post", "", 2),
     "train_seconds": ("train s", "s", 1), "peak_rss_mb": ("peak RSS MB", "MB", 0),
     "peak_gpu_mb": ("peak GPU MB", "MB", 0), "train_gflops": ("GFLOPs", "GFLOP", 1),
     "state_mb": ("state MB", "MB", 2),
@@ -49,7 +52,10 @@ def caption(convention: str) -> str:
     rows = "1..T" if convention == "mammoth" else "1..T-1"
     return (f"Mean ± 95% CI (Student t) over seeds. ACC, BWT, FWT, FM, LA in %; REM = % of each "
             f"old task's accuracy kept; REM src (transfer scenarios) = % of the pretrained "
-            f"source's accuracy kept, ACC tgt = final ACC on the downstream tasks. "
+            f"source's accuracy kept, ACC tgt = final ACC on the downstream tasks; in "
+            f"language-model scenarios, src PPL pre/post = the source's held-out perplexity per "
+            f"token before/after fine-tuning, src Δ log PPL = its increase in log-perplexity "
+            f"(nats per token; > 0 = forgotten), tgt PPL pre/post = the downstream tasks'. "
             f"Convention '{convention}': BWT and FWT divide by "
             f"{divisor}, FM takes the max over rows {rows}. 'best' = highest mean ACC in its "
             f"scenario and setting; 'tied' = not distinguishable from it by a two-sided Welch "
@@ -86,6 +92,9 @@ def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> 
             **({"rem_source": metrics.transfer_remembering(r.R),
                 "acc_target": 100.0 * metrics.target_accuracy(r.R)}
                if "rem_source" in r.metrics else {"rem_source": math.nan, "acc_target": math.nan}),
+            **(metrics.language_metrics(r.matrices["loss"])
+               if "rem_source" in r.metrics and "loss" in r.matrices
+               else dict.fromkeys(metrics.LANGUAGE_METRICS, math.nan)),
             "train_seconds": c.get("train_seconds"),
             "peak_rss_mb": _scaled(c.get("peak_rss_bytes"), 2**20),
             "peak_gpu_mb": _scaled(c.get("peak_gpu_bytes"), 2**20),

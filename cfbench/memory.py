@@ -1,8 +1,9 @@
 """The replay buffer every memory-based strategy shares: device-resident, fixed rules.
 
-A ``Memory`` holds uint8 inputs, global labels and task indices (plus, optionally, one float
-payload per sample, such as the logits DER stores) on the device the data lives on. What it
-keeps is decided by one of three selection rules:
+A ``Memory`` holds inputs as the task data stores them (uint8 pixels, token ids), global labels
+and task indices (plus, optionally, one float payload per sample, such as the logits DER
+stores) on the device the data lives on. What it keeps is decided by one of three selection
+rules:
 
 - ``reservoir``: a uniform sample of every stream sample offered so far (Vitter's algorithm R,
   vectorised per minibatch), in ``memory`` slots. Fed with ``add_stream``.
@@ -215,14 +216,14 @@ def _random_quota(groups: torch.Tensor, quota: torch.Tensor, generator: torch.Ge
 
 
 def batch_samples(ctx: TrainContext, batch: Batch) -> TrainData:
-    """The uint8 inputs and global labels a training minibatch was made from: the exact inverse
-    of ``ctx.make_batch`` (the scenario's affine normalisation, and the setting's label ->
+    """The stored inputs and global labels a training minibatch was made from: the exact
+    inverse of ``ctx.make_batch`` (the scenario's objective, and the setting's label ->
     output-unit map), so a stream minibatch can be stored as compactly as the task data."""
-    raw = ctx.scenario.pixels(batch.x) * 255.0
-    x = raw.round_().clamp_(0, 255).to(torch.uint8)
+    x = ctx.scenario.stored(batch.x)
     y = batch.y
-    if ctx.setting.name == "domain":
-        y = _domain_labels(ctx)[batch.task, batch.y]
+    if ctx.setting.name == "domain":  # each sample's task's table, at each of its targets
+        labels = _domain_labels(ctx)[batch.task]
+        y = labels.gather(1, y.reshape(len(y), -1)).view(y.shape)
     return TrainData(x, y, batch.task)
 
 

@@ -97,6 +97,31 @@ def target_accuracy(R) -> float:
     return float(m[-1, 1:].mean()) if m.shape[1] > 1 else math.nan
 
 
+LANGUAGE_METRICS = ("source_ppl_before", "source_ppl_after", "source_logppl_increase",
+                    "target_ppl_before", "target_ppl_after")
+
+
+def language_metrics(loss) -> dict[str, float]:
+    """What fine-tuning a pretrained language model did, from a transfer scenario's matrix of
+    held-out loss (nats per token, shaped like R; column 1 is the source): the source's
+    perplexity before (row 1, the pretrained model) and after the sequence, the increase in its
+    log-perplexity (the forgetting measure of Jin & Ren 2024 and Kalajdzievski 2024; > 0 means
+    forgotten), and the downstream tasks' perplexity (exp of their mean loss) before and after.
+    """
+    m = _matrix(loss)
+    targets = m[:, 1:].mean(axis=1) if m.shape[1] > 1 else np.full(len(m), math.nan)
+    return {"source_ppl_before": perplexity(m[1, 0]), "source_ppl_after": perplexity(m[-1, 0]),
+            "source_logppl_increase": float(m[-1, 0] - m[1, 0]),
+            "target_ppl_before": perplexity(targets[1]),
+            "target_ppl_after": perplexity(targets[-1])}
+
+
+def perplexity(nats: float) -> float:
+    """exp(loss in nats per token); infinite for a loss past what a float can exponentiate (a
+    diverged run)."""
+    return math.exp(nats) if nats < 709.0 else math.inf
+
+
 def all_metrics(R, convention: str = "cfbench") -> dict[str, float]:
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown metric convention {convention!r}; use one of {CONVENTIONS}")

@@ -6,6 +6,7 @@ The spec is part of the protocol (and so of the run id); ``--model`` overrides i
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -136,8 +137,56 @@ class TokenLSTM(nn.Module):
         return self.lstm(self.embed(x))[0]
 
 
+class TextgenrnnFeatures(nn.Module):
+    """textgenrnn's body: (batch, window) symbol ids -> (batch, 356) attention-pooled features."""
+
+    def __init__(self, symbols: int, embedding_dim: int, units: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(symbols, embedding_dim)
+        self.rnn_1 = nn.LSTM(embedding_dim, units, batch_first=True)
+        self.rnn_2 = nn.LSTM(units, units, batch_first=True)
+        self.attention = nn.Linear(embedding_dim + 2 * units, 1, bias=False)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        embedded = self.embedding(windows)
+        h1, _ = self.rnn_1(embedded)
+        h2, _ = self.rnn_2(h1)
+        steps = torch.cat([embedded, h1, h2], dim=-1)
+        weights = torch.softmax(self.attention(steps).squeeze(-1), dim=-1)
+        return (steps * weights.unsqueeze(-1)).sum(dim=1)
+
+
+class TextgenrnnLM(Backbone):
+    """textgenrnn's network: (batch, window) symbol ids -> (batch, symbols) next-symbol logits.
+
+    An ordinary trainable module whose head (the output layer) is where every strategy looks
+    for one (``cfbench.models.split_head``); `load_textgenrnn` fills it with the pretrained
+    weights.
+    """
+
+    def __init__(self, symbols: int = 465, embedding_dim: int = 100, units: int = 128) -> None:
+        super().__init__(TextgenrnnFeatures(symbols, embedding_dim, units),
+                         nn.Linear(embedding_dim + 2 * units, symbols))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a module that maps its input's last dimension linearly: an
+    ``nn.Linear``, or the ``Conv1D`` of transformers' GPT-2 (a Linear whose weight is stored
+    (in, out)); None for any other module. Strategies that adapt linear layers (LoRA) use this
+    one test."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    hf = sys.modules.get("transformers.pytorch_utils")  # no model holds a Conv1D before that
+    if hf is not None and isinstance(module, hf.Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
 MODELS_HELP = ("mlp:W1,W2,... (e.g. mlp:400,400), resnet18-reduced[:NF] (NF=20), "
-               "resnet18-cifar, resnet18, lstm:H (token sequences)")
+               "resnet18-cifar, resnet18, lstm:H (token sequences), textgenrnn (windows of 40 "
+               "symbols; its pretrained weights come with the lm-* scenarios), gpt2-gcide (a "
+               "byte-level GPT-2 pretrained by `cfbench data fetch gpt2-gcide`), hf:NAME (a "
+               "causal LM of the Hugging Face hub or a local directory)")
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
@@ -161,6 +210,15 @@ def build_model(spec: str, input_shape: tuple[int, ...], n_outputs: int) -> nn.M
                                "width, e.g. lstm:64")
         # One vocabulary in and out: the outputs are the next token's logits.
         return Backbone(TokenLSTM(n_outputs, int(args)), nn.Linear(int(args), n_outputs))
+    if family == "textgenrnn" and not args:
+        if len(input_shape) != 1:
+            raise CfbenchError(f"model '{spec}' needs windows of symbol ids (L,), got shape "
+                               f"{input_shape}")
+        return TextgenrnnLM(symbols=n_outputs)
+    if spec == "gpt2-gcide" or family == "hf":
+        from cfbench import gpt
+
+        return gpt.build(spec, input_shape, n_outputs)
     if family == "resnet18-reduced":
         if args and not (args.isdigit() and int(args) > 0):
             raise CfbenchError(f"bad model spec '{spec}': the width NF must be a positive "

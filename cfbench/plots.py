@@ -4,6 +4,8 @@
 - Accuracy curves: each task's accuracy across the sequence, a panel per strategy.
 - Stability vs plasticity: learning accuracy (LA) against forgetting (FM), with 95% CIs.
 - Cost vs ACC: train seconds, peak RSS and GFLOPs against ACC, with the Pareto front.
+- Learning vs forgetting (language models): the downstream perplexity gained against the
+  source perplexity lost, with 95% CIs.
 
 A strategy keeps its colour in every figure (colours follow the sorted list of all labels).
 """
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cfbench.formats import blocks
+from cfbench.formats import blocks, file_stem, one_line
 from cfbench.leaderboard import GROUP, configuration
 from cfbench.records import RunRecord
 
@@ -43,6 +45,11 @@ def mean_R(records: Sequence[RunRecord]) -> dict[tuple, np.ndarray]:
             key = tuple(configuration(r).values())
             grouped.setdefault(key, []).append(np.asarray(r.R))
     return {k: 100 * np.mean(v, axis=0) for k, v in grouped.items()}
+
+
+def _plain(text: str) -> str:
+    """Text from a record as matplotlib shows it literally (a '$' would start mathtext)."""
+    return one_line(text).replace("$", r"\$")
 
 
 def _save(fig, out_dir: Path, stem: str) -> Path:
@@ -113,18 +120,38 @@ def _curves(block: pd.DataFrame, Rs: dict[tuple, np.ndarray], title: str):
     return fig
 
 
-def _stability(block: pd.DataFrame, palette: dict[str, tuple], title: str):
+def _tradeoff(points: Sequence[tuple[str, float, float, float, float]],
+              palette: dict[str, tuple], title: str, xlabel: str, ylabel: str):
+    """One point per strategy, (label, x, y, x CI, y CI), with its error bars."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(3.6, 3.0))
-    for _, row in block.iterrows():
-        ax.errorbar(row["la"], row["fm"], xerr=_err(row["la ci"]), yerr=_err(row["fm ci"]),
-                    fmt="o", ms=5, capsize=2, color=palette[row["label"]], label=row["label"])
-    ax.set_xlabel("plasticity: learning accuracy LA %")
-    ax.set_ylabel("forgetting FM % (lower is more stable)")
+    for label, x, y, x_ci, y_ci in points:
+        ax.errorbar(x, y, xerr=_err(x_ci), yerr=_err(y_ci), fmt="o", ms=5, capsize=2,
+                    color=palette[label], label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", frameon=False)
     ax.set_title(title)
+    return fig
+
+
+def _stability(block: pd.DataFrame, palette: dict[str, tuple], title: str):
+    points = [(r["label"], r["la"], r["fm"], r["la ci"], r["fm ci"]) for _, r in block.iterrows()]
+    return _tradeoff(points, palette, title, "plasticity: learning accuracy LA %",
+                     "forgetting FM % (lower is more stable)")
+
+
+def _learning_forgetting(block: pd.DataFrame, palette: dict[str, tuple], title: str):
+    # The "before" perplexities are the pretrained model's, the same for every strategy, so a
+    # difference varies over seeds only through its "after" term.
+    points = [(r["label"], r["target_ppl_before"] - r["target_ppl_after"],
+               r["source_ppl_after"] - r["source_ppl_before"], r["target_ppl_after ci"],
+               r["source_ppl_after ci"]) for _, r in block.iterrows()]
+    fig = _tradeoff(points, palette, title, "learned: downstream perplexity gained",
+                    "forgotten: source perplexity lost")
+    fig.axes[0].axhline(0, color="0.5", lw=0.8)
     return fig
 
 
@@ -185,15 +212,18 @@ def plot_all(records: Sequence[RunRecord], summary: pd.DataFrame, out_dir: Path
     Rs = mean_R(records)
     written: dict[tuple[str, str], list[Path]] = {}
     with plt.rc_context(PAPER):
-        all_blocks = list(blocks(summary))
+        all_blocks = [(scenario, setting, block.assign(label=block["label"].map(_plain)))
+                      for scenario, setting, block in blocks(summary)]
         palette = colours([label for *_, b in all_blocks for label in b["label"]])
         for scenario, setting, block in all_blocks:
-            title = f"{scenario}, {setting} setting"
-            stem = f"{scenario}-{setting}"
+            title = _plain(f"{scenario}, {setting} setting")
+            stem = file_stem(scenario, setting)
             figures = {"R": _heatmaps(block, Rs, title), "curves": _curves(block, Rs, title),
                        "stability": _stability(block, palette, title)}
             if block[[c for c, _ in COST_AXES]].notna().any().any():
                 figures["cost"] = _cost(block, palette, title)
+            if block["source_ppl_after"].notna().any():
+                figures["learning-forgetting"] = _learning_forgetting(block, palette, title)
             written[scenario, setting] = [_save(fig, out_dir, f"{stem}-{kind}")
                                           for kind, fig in figures.items()]
             for fig in figures.values():

@@ -3,6 +3,10 @@
 A run id is the hash of the canonical configuration (scenario, setting, strategy with every
 hyperparameter resolved, both seeds, the full protocol, the device), so the same experiment always
 gets the same id and a finished run can be recognised and skipped.
+
+Records are strict JSON (no NaN or Infinity: an undefined number is null) and are checked field by
+field whenever they are read, from a file or the store (`parse_record`): a record someone edited,
+truncated or crafted is one error naming its source and the field, never a traceback later on.
 """
 
 from __future__ import annotations
@@ -11,20 +15,23 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cfbench.errors import CfbenchError
 from cfbench.scenario import Protocol
 
 SCHEMA_VERSION = 1
 RUN_ID = re.compile(r"[0-9a-f]{16}")
+RUN_ID_PREFIX = re.compile(r"[0-9a-f]{1,16}")
 STATUSES = ("ok", "failed", "interrupted")
 DEFAULT_OUT = Path("results") / "runs"
 
@@ -98,18 +105,153 @@ class RunRecord:
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self, indent: int | None = 1) -> str:
-        # NaN is not JSON: undefined metrics are written as null.
-        d = dataclasses.asdict(self)
-        d["metrics"] = {k: (None if v != v else v) for k, v in self.metrics.items()}
-        return json.dumps(d, indent=indent)
+        # NaN and infinities are not JSON: an undefined number (a diverged run's) is null.
+        return json.dumps(_finite(dataclasses.asdict(self)), indent=indent, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise CfbenchError(f"run record schema {d.get('schema_version')} is not supported "
-                               f"(this cfbench reads {SCHEMA_VERSION})")
-        metrics = {k: (float("nan") if v is None else v) for k, v in d["metrics"].items()}
-        return cls(**{**d, "metrics": metrics})
+    def from_dict(cls, d: Any, source: str = "run record") -> RunRecord:
+        """The record `d` holds, every field checked (null numbers read as NaN); a one-line
+        CfbenchError naming `source` and the field if it is not a schema-1 record."""
+        try:
+            return cls(**_checked(d))
+        except _Invalid as exc:
+            raise CfbenchError(f"{source}: {exc}") from None
+
+
+class _Invalid(Exception):
+    """A record that is not as schema 1 has it; the message names the field."""
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
+_CONFIG = {"scenario": str, "setting": str, "strategy": str, "device": str, "seed": int,
+           "scenario_seed": int, "hparams": dict, "scenario_options": dict, "protocol": dict}
+_SELECTION = {"by": str, "criterion": str, "candidates": int, "chosen": dict,
+              "validation_acc": float, "tuning_seeds": list, "validation": dict}
+_JSON = {dict: "an object", list: "a list", str: "text", bool: "a boolean", int: "an integer",
+         float: "a number"}
+"""What each Python type read from JSON is called in an error."""
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value is described in an error: its JSON type and (briefly) the value."""
+    if value is None:
+        return "null"
+    shown = repr(value)
+    return (f"{_JSON.get(type(value), type(value).__name__)} "
+            f"{shown if len(shown) <= 40 else shown[:37] + '...'}")
+
+
+def _bad(where: str, expected: str, value: Any) -> NoReturn:
+    raise _Invalid(f"field '{where}' must be {expected}, got {_kind(value)}")
+
+
+def _is(value: Any, kind: type) -> bool:
+    """JSON typing: a boolean is not a number; a float is any finite number."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        try:
+            return isinstance(value, int | float) and math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            return False
+    return isinstance(value, kind)
+
+
+def _number_or_null(value: Any) -> bool:
+    return value is None or _is(value, float)
+
+
+def _rows(value: Any, where: str, scores: bool) -> list[list[float]]:
+    """A matrix shaped like R: a list of equally long rows of numbers or null (read as NaN);
+    `scores`: each in [0, 1]."""
+    entries = "scores in [0, 1] or null" if scores else "numbers or null"
+    if not isinstance(value, list) or not all(isinstance(row, list) for row in value):
+        _bad(where, f"a list of rows of {entries}", value)
+    for t, row in enumerate(value):
+        if len(row) != len(value[0]):
+            raise _Invalid(f"field '{where}' is ragged: row {t} has {len(row)} entries, row 0 "
+                           f"has {len(value[0])}")
+        for v in row:
+            if not _number_or_null(v) or (scores and v is not None and not 0 <= v <= 1):
+                raise _Invalid(f"field '{where}' row {t} must hold {entries}, got {_kind(v)}")
+    return [[math.nan if v is None else float(v) for v in row] for row in value]
+
+
+def _typed(node: Any, where: str, spec: dict[str, type], required: bool = True) -> None:
+    if not isinstance(node, dict):
+        _bad(where, "an object", node)
+    for key, kind in spec.items():
+        name = f"{where}.{key}" if where else key
+        if key not in node:
+            if required:
+                raise _Invalid(f"field '{name}' is missing")
+        elif not _is(node[key], kind):
+            _bad(name, _JSON[kind], node[key])
+
+
+def _checked(d: Any) -> dict[str, Any]:
+    """The keyword arguments of the RunRecord `d` holds (the one description of schema 1), or
+    `_Invalid` naming the first field that is not as the schema has it."""
+    if not isinstance(d, dict):
+        raise _Invalid(f"not a run record: expected a JSON object, got {_kind(d)}")
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise _Invalid(f"run record schema {d.get('schema_version')!r} is not supported (this "
+                       f"cfbench reads {SCHEMA_VERSION})")
+    unknown = sorted(set(d) - _FIELDS)
+    if unknown:
+        raise _Invalid(f"unknown field {unknown[0]!r}")
+    for key in ("run_id", "config"):
+        if key not in d:
+            raise _Invalid(f"field '{key}' is missing")
+    if not (isinstance(d["run_id"], str) and RUN_ID.fullmatch(d["run_id"])):
+        _bad("run_id", "16 hex digits", d["run_id"])
+    config = d["config"]
+    _typed(config, "config", _CONFIG)
+    unknown = sorted(set(config) - {*_CONFIG, "validation"})
+    if unknown:
+        raise _Invalid(f"unknown field 'config.{unknown[0]}'")
+    if not all(isinstance(v, dict) for v in config["hparams"].values()):
+        _bad("config.hparams", "an object of objects (strategy -> values)", config["hparams"])
+    if config.get("validation") is not None and not isinstance(config["validation"], dict):
+        _bad("config.validation", "an object or null", config["validation"])
+    if d.get("status", "ok") not in STATUSES:
+        _bad("status", " or ".join(STATUSES), d["status"])
+    _typed(d, "", {"started_at": str, "finished_at": str, "env": dict, "strategy_log": dict},
+           required=False)
+    for key, value in d.get("env", {}).items():  # what `environment` writes: tables join it
+        if value is not None and not _is(value, int if key == "threads" else str):
+            _bad(f"env.{key}", "an integer or null" if key == "threads" else "text or null",
+                 value)
+    for key in ("error", "traceback", "command"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            _bad(key, "text or null", d[key])
+    tasks = d.get("tasks", [])
+    if not isinstance(tasks, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tasks):
+        _bad("tasks", "a list of objects with a text 'name'", tasks)
+    R = _rows(d.get("R", []), "R", scores=True)
+    width, finished = (len(R[0]) if R else 0), d.get("status", "ok") == "ok"
+    if (R or finished) and not (width >= 1 and (len(R) == width + 1 if finished
+                                                else len(R) <= width + 1)):
+        raise _Invalid(f"field 'R' must have T+1 rows of T >= 1 scores (fewer rows for a run "
+                       f"that did not finish), got {len(R)} rows of {width}")
+    matrices = d.get("matrices", {})
+    if not isinstance(matrices, dict):
+        _bad("matrices", "an object of matrices shaped like R", matrices)
+    matrices = {name: _rows(m, f"matrices.{name}", scores=False) for name, m in matrices.items()}
+    for name, m in matrices.items():
+        if [len(row) for row in m] != [len(row) for row in R]:
+            raise _Invalid(f"field 'matrices.{name}' is not shaped like R")
+    for key in ("metrics", "cost"):
+        values = d.get(key, {})
+        if not isinstance(values, dict) or not all(map(_number_or_null, values.values())):
+            _bad(key, "an object of numbers or null", values)
+    if d.get("selection") is not None:
+        _typed(d["selection"], "selection", _SELECTION)
+        _typed(d["selection"]["validation"], "selection.validation",
+               {"fraction": float, "seed": int})
+    metrics = {k: math.nan if v is None else v for k, v in d.get("metrics", {}).items()}
+    return {**d, "R": R, "matrices": matrices, "metrics": metrics}
 
 
 def write_record(record: RunRecord, out_dir: Path) -> Path:
@@ -129,24 +271,80 @@ def write_record(record: RunRecord, out_dir: Path) -> Path:
     return final
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinity (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def parse_record(text: str | bytes, source: str) -> RunRecord:
+    """The run record in the JSON `text`, checked (`RunRecord.from_dict`); `source` (a file,
+    a store's row) names it in the one-line error."""
+    def non_standard(name: str) -> NoReturn:
+        raise ValueError(f"{name} is not JSON (an undefined number is written as null)")
+
+    try:
+        d = json.loads(text, parse_constant=non_standard)
+    except UnicodeDecodeError as exc:
+        raise CfbenchError(f"{source}: not a run record: not UTF-8 text ({exc.reason} at byte "
+                           f"{exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        raise CfbenchError(f"{source}: not a run record: not JSON ({exc})") from None
+    return RunRecord.from_dict(d, source)
+
+
 def read_record(path: Path) -> RunRecord:
     try:
-        return RunRecord.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise CfbenchError(f"{path} is not a readable run record ({exc})") from None
+        text = path.read_bytes()
+    except OSError as exc:
+        raise CfbenchError(f"cannot read run record {path}: {exc.strerror or exc}") from None
+    return parse_record(text, str(path))
 
 
-def read_records(directory: Path) -> list[RunRecord]:
-    """Every run record in `directory` (files named <run id>.json; other files are not runs)."""
+def collect(loads: Iterable[Callable[[], RunRecord]],
+            on_bad: Callable[[CfbenchError], None] | None = None) -> list[RunRecord]:
+    """The records `loads` read. A bad one is an error, or, given `on_bad` (`--skip-bad`),
+    is passed to it and left out: a leaderboard over a thousand records should not be hostage
+    to one a user chose to skip."""
+    records = []
+    for load in loads:
+        try:
+            records.append(load())
+        except CfbenchError as exc:
+            if on_bad is None:
+                raise
+            on_bad(exc)
+    return records
+
+
+def read_records(directory: Path, on_bad: Callable[[CfbenchError], None] | None = None
+                 ) -> list[RunRecord]:
+    """Every run record in `directory` (files named <run id>.json; other files are not runs);
+    `on_bad` as in `collect`."""
     if not directory.is_dir():
         raise CfbenchError(f"no run records in {directory}: the directory does not exist")
-    return [read_record(p) for p in sorted(directory.glob("*.json"))
-            if RUN_ID.fullmatch(p.stem)]
+    paths = [p for p in sorted(directory.glob("*.json")) if RUN_ID.fullmatch(p.stem)]
+    return collect((functools.partial(read_record, p) for p in paths), on_bad)
+
+
+def check_run_id(run_id: str) -> str:
+    """`run_id` if it is a run id or a prefix of one (so it can name no other file and match
+    no pattern); a one-line CfbenchError otherwise."""
+    if not RUN_ID_PREFIX.fullmatch(run_id):
+        raise CfbenchError(f"bad run id {run_id!r}: a run id is 16 hex digits (0-9, a-f); a "
+                           "unique prefix is enough")
+    return run_id
 
 
 def find_record(run_id: str, directory: Path) -> RunRecord:
     """The record whose id starts with `run_id` (a unique prefix is enough)."""
-    matches = sorted(directory.glob(f"{run_id}*.json")) if run_id else []
+    check_run_id(run_id)
+    matches = [p for p in sorted(directory.glob(f"{run_id}*.json")) if RUN_ID.fullmatch(p.stem)]
     if len(matches) != 1:
         problem = "no run" if not matches else f"{len(matches)} runs"
         raise CfbenchError(f"{problem} with id '{run_id}' in {directory}; pass --out DIR if the "

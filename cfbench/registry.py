@@ -15,6 +15,7 @@ import fnmatch
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
 import types
 import typing
@@ -98,9 +99,12 @@ def _coerce(tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError("not a number")
-        result = float(value)
-        if result != result:
-            raise ValueError("NaN is not allowed")
+        try:
+            result = float(value)
+        except OverflowError:  # an integer beyond a float's range
+            result = math.inf
+        if not math.isfinite(result):  # a run would diverge, and JSON has no such number
+            raise ValueError(f"{result} is not allowed: give a finite number")
         return result
     if tp is str:
         return str(value)

@@ -1,6 +1,6 @@
 """The one run path: `run`, `sweep`, `reproduce` and `tune` each plan runs and hand them to
 `run_plan`, which applies the resume rule against a `Sink` (a JSON directory and/or a results
-store), groups what is left into jobs (seed batching), has an executor run them and commits each
+store), groups what is left into jobs (stacked runs), has an executor run them and commits each
 record the moment it arrives. KeyboardInterrupt (Ctrl-C; SIGTERM too under the CLI) stops it:
 the runs in flight are recorded as interrupted and every finished one is kept.
 """
@@ -8,6 +8,7 @@ the runs in flight are recorded as interrupted and every finished one is kept.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,37 @@ from cfbench.records import RunConfig, RunRecord, read_records, write_record
 from cfbench.store import Store
 
 Report = Callable[[str], None]
+
+MOST_RUNS = 10_000
+"""A plan of more runs is refused unless the user confirms it (``--yes``): a typo in a grid or
+a seed count should cost one line, not minutes of planning and gigabytes of memory."""
+
+
+def check_run_count(count: int, yes: bool) -> None:
+    """Refuse a plan of more than MOST_RUNS runs without `yes`; `count` comes from the sizes of
+    the grid, before it is expanded."""
+    if count > MOST_RUNS and not yes:
+        raise CfbenchError(f"this plans {count} runs, more than {MOST_RUNS}; pass --yes to run "
+                           "them all, or shrink the grid (fewer values, seeds or settings)")
+
+
+def check_writable(path: Path, flag: str, *, directory: bool) -> None:
+    """Raise unless `path` can take output: a directory of records (`directory`) or a store
+    file, itself or its nearest existing ancestor writable. Checked before anything trains, so
+    no finished run is lost to an output that cannot be written."""
+    if directory and path.exists() and not path.is_dir():
+        raise CfbenchError(f"{flag} {path} is a file; give a directory")
+    if not directory and path.is_dir():
+        raise CfbenchError(f"{flag} {path} is a directory; give a file name, e.g. "
+                           f"{path / 'runs.sqlite'}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise CfbenchError(f"{flag} {path}: {existing} is a file, not a directory")
+    for place in {existing, existing if existing.is_dir() else existing.parent}:
+        if not os.access(place, os.W_OK):
+            raise CfbenchError(f"{flag} {path}: {place} is not writable")
 
 
 def silent(text: str) -> None:
@@ -82,11 +114,16 @@ class Outcome:
 class Sink:
     """Where records go: a JSON directory (one file per run), a results store, or both. The
     store, when there is one, says what exists (resume reads it) and is written last, so a run
-    it holds is in the directory too. Reading a sink creates nothing."""
+    it holds is in the directory too. Reading a sink creates nothing; making one checks that
+    both can be written."""
 
     def __init__(self, out: str | Path | None = None, store: str | Path | None = None) -> None:
         self.out = Path(out) if out is not None else None
         self.store_path = Path(store) if store is not None else None
+        if self.out is not None:
+            check_writable(self.out, "--out", directory=True)
+        if self.store_path is not None:
+            check_writable(self.store_path, "--store", directory=False)
         self._store: Store | None = None
         self.where = f"store {self.store_path}" if self.store_path else f"{self.out}/"
 
@@ -139,10 +176,11 @@ class RunOptions:
     a sink holding any run of the plan is an error, unless `replace`."""
     replace: bool = False
     """Without `resume`, rerun every run and replace what the sink holds (`cfbench run`)."""
-    batch_seeds: bool = False
+    stack: bool = False
+    """Train runs that can share a stacked job as one (``executors.make_jobs``)."""
     command: str | None = None
     progress: Report = silent  # told one line per finished run
-    report: Report = silent  # told notes (seeds not batched) and the summary at the end
+    report: Report = silent  # told notes (runs not stacked) and the summary at the end
 
 
 def run_plan(runs: Sequence[PlannedRun], sink: Sink, name: str, options: RunOptions
@@ -170,7 +208,8 @@ def run_plan(runs: Sequence[PlannedRun], sink: Sink, name: str, options: RunOpti
             options.progress(f"[{done}/{len(todo)}] {record.status} {record.run_id} "
                              f"{outcome.labels[record.run_id]}{took}{problem}")
 
-    jobs = make_jobs([run.config for run in todo.values()], options.batch_seeds, options.report)
+    jobs = make_jobs([run.config for run in todo.values()], options.stack, options.report,
+                     options.executor.slots)
     try:
         options.executor.run(jobs, on_records)
     except KeyboardInterrupt:  # say what was kept before it propagates

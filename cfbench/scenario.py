@@ -85,16 +85,17 @@ class Protocol:
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.iterations is None):
             raise CfbenchError("set exactly one of --epochs or --iterations")
-        if self.epochs is not None and self.epochs <= 0:
-            raise CfbenchError(f"--epochs must be positive, got {self.epochs}")
+        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr)):
+            if value is not None and not value > 0:
+                raise CfbenchError(f"{flag} must be positive, got {value}")
+            if value is not None and not math.isfinite(value):  # would never end, or diverge
+                raise CfbenchError(f"{flag} must be finite, got {value}")
         if self.iterations is not None and self.iterations <= 0:
             raise CfbenchError(f"--iterations must be positive, got {self.iterations}")
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise CfbenchError("--batch-size must be a positive integer")
         if self.optimizer not in ("sgd", "adam"):
             raise CfbenchError(f"unknown optimizer '{self.optimizer}'; use sgd or adam")
-        if not self.lr > 0:
-            raise CfbenchError(f"--lr must be positive, got {self.lr}")
         if self.class_scope not in ("seen", "all"):
             raise CfbenchError(f"class_scope must be 'seen' or 'all', got {self.class_scope!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -159,6 +160,11 @@ class Objective:
         draws the scenario's augmentation."""
         raise NotImplementedError
 
+    def stored(self, scenario: Scenario, inputs: torch.Tensor) -> torch.Tensor:
+        """The exact inverse of `prepare` without augmentation (model inputs -> stored inputs),
+        so a minibatch can be kept as compactly as the task data (replay memories)."""
+        raise NotImplementedError
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss, a mean over the batch (one per member)."""
         raise NotImplementedError
@@ -188,6 +194,10 @@ class Classification(Objective):
             pixels = scenario.augmentation(pixels, augment)
         return scenario.normalise(pixels, in_place=True)
 
+    def stored(self, scenario: Scenario, inputs: torch.Tensor) -> torch.Tensor:
+        raw = scenario.pixels(inputs) * 255.0
+        return raw.round_().clamp_(0, 255).to(torch.uint8)
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if targets.dim() == 1:
             return F.cross_entropy(outputs, targets)
@@ -204,28 +214,44 @@ class Classification(Objective):
 
 
 class NextToken(Objective):
-    """Token sequences: inputs (N, L) of token ids and targets (N, L) the next tokens, trained
-    by cross-entropy per token; R holds next-token accuracy and ``loss`` the held-out
-    cross-entropy in nats per token."""
+    """Next-token prediction, trained by cross-entropy per token; R holds next-token accuracy
+    and ``loss`` the held-out cross-entropy in nats per token.
+
+    A sample is a sequence of token ids (L,) with a target per position (``windowed=False``), or
+    a window of the previous tokens with one target, the next token (``windowed=True``: a model
+    that reads a fixed context, such as textgenrnn). Token ids may be stored in any integer type
+    (int16 keeps windows small) and reach the model as int64.
+    """
 
     matrices = ("loss",)
 
+    def __init__(self, windowed: bool = False) -> None:
+        self.windowed = windowed
+
+    def _token_dims(self) -> int:
+        """How many trailing dimensions a batch's targets span: (B,) windowed, else (B, L)."""
+        return 1 if self.windowed else 2
+
     def prepare(self, scenario: Scenario, x: torch.Tensor, augment: torch.Generator | None
                 ) -> torch.Tensor:
-        return x
+        return x.long()
+
+    def stored(self, scenario: Scenario, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.to(scenario.tasks[0].x_train.dtype)
 
     def _token_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of every token (..., B, L); targets broadcast against outputs."""
+        """Cross-entropy of every token (..., B[, L]); targets broadcast against outputs."""
         targets = targets.expand(outputs.shape[:-1])
         losses = F.cross_entropy(outputs.flatten(0, -2), targets.flatten(), reduction="none")
         return losses.view(targets.shape)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self._token_losses(outputs, targets).flatten(-2).mean(-1)
+        return self._token_losses(outputs, targets).flatten(-self._token_dims()).mean(-1)
 
     def measure(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        hits = (scores.argmax(-1) == targets).flatten(-2).sum(-1).double()
-        nats = self._token_losses(scores, targets).flatten(-2).sum(-1).double()
+        dims = self._token_dims()
+        hits = (scores.argmax(-1) == targets).flatten(-dims).sum(-1).double()
+        nats = self._token_losses(scores, targets).flatten(-dims).sum(-1).double()
         return torch.stack([hits, torch.full_like(hits, targets.numel()), nats], -1)
 
     def summarise(self, sums: list[float]) -> tuple[float, dict[str, float]]:
@@ -286,6 +312,10 @@ class Scenario:
         scenario's objective; with a generator, training augmentation is applied."""
         return self.objective.prepare(self, x, augment)
 
+    def stored(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Model inputs -> stored inputs: the inverse of `prepare` without augmentation."""
+        return self.objective.stored(self, inputs)
+
     def normalise(self, pixels: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
         """Float pixels in [0, 1] -> model inputs (the scenario's normalisation); `in_place`
         overwrites `pixels`."""
@@ -293,7 +323,7 @@ class Scenario:
         return (pixels if in_place else pixels.clone()).sub_(mean).mul_(inv_std)
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse of `prepare` without augmentation: model inputs -> pixels in [0, 1]."""
+        """The inverse of the normalisation: image model inputs -> pixels in [0, 1]."""
         mean, inv_std = self._stats(x)
         return x / inv_std + mean
 
@@ -352,3 +382,16 @@ class Setting:
 def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Logits with the units a sample may not predict set to -inf (exactly excluded)."""
     return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+
+
+def token_rows(outputs: torch.Tensor, *per_sample: torch.Tensor
+               ) -> tuple[torch.Tensor, ...]:
+    """A batch's outputs (B, ..., U) as one row per prediction (N, U), and each per-sample
+    tensor (B, ...) repeated for every prediction of its sample (N, ...).
+
+    A sequence model's outputs (B, L, V) make L predictions per sample; what is defined per
+    prediction (a log-likelihood, a distillation KL, an output norm) treats the positions as
+    more samples. Outputs with one prediction per sample (B, U) come back unchanged."""
+    rows = outputs.reshape(-1, outputs.shape[-1])
+    per = rows.shape[0] // max(1, outputs.shape[0])
+    return (rows, *(t.repeat_interleave(per, 0) if per > 1 else t for t in per_sample))

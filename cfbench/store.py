@@ -8,15 +8,15 @@ JSON plus indexed columns for the questions a sweep asks: which runs exist, whic
 
 from __future__ import annotations
 
-import json
+import functools
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from cfbench.errors import CfbenchError
-from cfbench.records import RunRecord
+from cfbench.records import RunRecord, check_run_id, collect, parse_record
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -100,25 +100,29 @@ class Store:
                 "record=excluded.record", rows)
         return len(rows)
 
-    def records(self, scenario: str | None = None, status: str | None = None
-                ) -> list[RunRecord]:
-        """Records, optionally of one scenario or status, in run-id order."""
-        query, args = "SELECT record FROM runs WHERE 1=1", []
+    def records(self, scenario: str | None = None, status: str | None = None,
+                on_bad: Callable[[CfbenchError], None] | None = None) -> list[RunRecord]:
+        """Records, optionally of one scenario or status, in run-id order; `on_bad` as in
+        `cfbench.records.collect`."""
+        query, args = "SELECT run_id, record FROM runs WHERE 1=1", []
         if scenario is not None:
             query, args = query + " AND scenario = ?", [*args, scenario]
         if status is not None:
             query, args = query + " AND status = ?", [*args, status]
         rows = self._db.execute(query + " ORDER BY run_id", args).fetchall()
-        return [RunRecord.from_dict(json.loads(text)) for (text,) in rows]
+        return collect((functools.partial(self._parse, *row) for row in rows), on_bad)
+
+    def _parse(self, run_id: str, text: str) -> RunRecord:
+        return parse_record(text, f"store {self.path}, run {run_id!r}")
 
     def find(self, run_id: str) -> RunRecord:
         """The record whose id starts with `run_id` (a unique prefix is enough)."""
-        rows = self._db.execute("SELECT record FROM runs WHERE run_id LIKE ? || '%'",
-                                (run_id,)).fetchall() if run_id else []
+        rows = self._db.execute("SELECT run_id, record FROM runs WHERE run_id LIKE ? || '%'",
+                                (check_run_id(run_id),)).fetchall()
         if len(rows) != 1:
             problem = "no run" if not rows else f"{len(rows)} runs"
             raise CfbenchError(f"{problem} with id '{run_id}' in store {self.path}")
-        return RunRecord.from_dict(json.loads(rows[0][0]))
+        return self._parse(*rows[0])
 
     def finished_ids(self) -> set[str]:
         """Ids of the runs stored with status ok (what a resumed sweep skips)."""
@@ -139,13 +143,9 @@ class Store:
 
     def import_jsonl(self, path: Path) -> int:
         """Merge the records of a JSON-lines file (same run id: the imported one wins)."""
-        records = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(RunRecord.from_dict(json.loads(line)))
-                except (ValueError, TypeError, KeyError) as exc:
-                    raise CfbenchError(f"{path}:{number} is not a run record ({exc})") from None
+        records = [parse_record(line, f"{path}:{number}")
+                   for number, line in enumerate(path.read_bytes().splitlines(), start=1)
+                   if line.strip()]
         return self.put_many(records)
 
     def close(self) -> None:

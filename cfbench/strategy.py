@@ -122,7 +122,7 @@ class TrainContext:
         x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
         if x is None:
             raise CfbenchError(f"task '{task.name}' has no {split} split")
-        return TrainData(x, y, torch.full_like(y, index))
+        return TrainData(x, y, torch.full((len(y),), index, dtype=torch.long, device=y.device))
 
     def make_batch(self, data: TrainData, idx: torch.Tensor | slice, augment: bool = False
                    ) -> Batch:
@@ -173,8 +173,13 @@ class Strategy:
     """
 
     stacked: ClassVar[type[Stacked] | None] = None
-    """The form of this class's in-step hooks for K stacked members (seed batching), or None:
+    """The form of this class's in-step hooks for K stacked members (stacked runs), or None:
     its runs are not stacked (see `stacked_form`)."""
+
+    def refuses(self, scenario: Scenario) -> str | None:
+        """Why this strategy's mechanism does not apply to `scenario` (e.g. it generates
+        images, and the samples are text), or None. Checked when runs are planned."""
+        return None
 
     def setup(self, ctx: TrainContext) -> None:
         """Once, after the model is built and before row 0 of R is evaluated."""
@@ -255,6 +260,12 @@ class Stacked:
     `job` is the stacked backend (its ``params``, ``forward`` and ``ctxs``); `members` holds each
     member's strategy object (the part of its composition this form stands for)."""
 
+    per_member: ClassVar[tuple[str, ...]] = ()
+    """Hyperparameters this form reads from each member, so runs differing in them may share a
+    job (grid points stack as seeds do). Runs that differ in any other hyperparameter never
+    share one (``cfbench.batched.stack_key``): it may change a batch's shape or the samples
+    trained on, or state the form takes to be alike."""
+
     def __init__(self, job: Any, members: list[Strategy]) -> None:
         self.job, self.members = job, members
 
@@ -319,6 +330,9 @@ class Compose(Strategy):
     def _each(self, hook: str, *args: Any) -> None:
         for part in self._with(hook):
             getattr(part, hook)(*args)
+
+    def refuses(self, scenario: Scenario) -> str | None:
+        return next((r for r in (p.refuses(scenario) for p in self.parts) if r), None)
 
     def setup(self, ctx: TrainContext) -> None:
         self._each("setup", ctx)

@@ -8,6 +8,7 @@ then take the one run path (`cfbench.runs.run_plan`) into the store.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,35 @@ def varying(grid: Mapping[str, Sequence[Any]], point: Mapping[str, Any]) -> dict
     return {k: v for k, v in point.items() if len(grid[k]) > 1}
 
 
+def _settings(sweep: SweepFile, scenario: str, spec: str) -> list[str]:
+    """The settings `spec` runs in on `scenario`: the file's, or for "all" those the scenario
+    and every part of the strategy support."""
+    from cfbench.strategy import strategy_names
+
+    if sweep.settings is not None:
+        return sweep.settings
+    entry = registry.scenarios.get(scenario)
+    settings = [s for s in entry.settings if all(
+        s in registry.strategies.get(p).settings for p in strategy_names(spec))]
+    if not settings:
+        line = sweep.lines.get(f"strategies.{spec}", 0)
+        raise CfbenchError(f"{sweep.path}:{line}: strategies.{spec}: supports none of the "
+                           f"settings of {scenario} ({', '.join(entry.settings)})")
+    return settings
+
+
+def size(sweep: SweepFile, seeds: Sequence[int] | None = None) -> int:
+    """How many runs `plan` makes at most, from the sizes of the grid's axes without expanding
+    it (so a huge grid is refused at once)."""
+    def points(grid: Mapping[str, Sequence[Any]]) -> int:
+        return math.prod(len(values) for values in grid.values())
+
+    per_seed = sum(points(options) * points(sweep.protocol) * len(_settings(sweep, scenario, spec))
+                   * math.prod(points(grid) for grid in grids.values())
+                   for scenario, options in sweep.scenarios for spec, grids in sweep.strategies)
+    return per_seed * len(sweep.seeds if seeds is None else seeds)
+
+
 def plan(sweep: SweepFile, data_root: Path, seeds: Sequence[int] | None = None
          ) -> list[PlannedRun]:
     """Every run of the sweep, validated by `plan_runs` before anything runs (duplicates of one
@@ -52,15 +82,7 @@ def plan(sweep: SweepFile, data_root: Path, seeds: Sequence[int] | None = None
             for protocol in _points(sweep.protocol):
                 for spec, grids in sweep.strategies:
                     parts = strategy_names(spec)
-                    settings = sweep.settings
-                    if settings is None:  # "all": what the scenario and every part support
-                        settings = [s for s in entry.settings if all(
-                            s in registry.strategies.get(p).settings for p in parts)]
-                        if not settings:
-                            line = sweep.lines.get(f"strategies.{spec}", 0)
-                            raise CfbenchError(f"{sweep.path}:{line}: strategies.{spec}: "
-                                               f"supports none of the settings of {scenario} "
-                                               f"({', '.join(entry.settings)})")
+                    settings = _settings(sweep, scenario, spec)
                     hp_axes = {f"{part}.{key}": values for part, grid in grids.items()
                                for key, values in grid.items()}
                     for hp in _points(hp_axes):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -153,8 +154,12 @@ class _Checker:
         if isinstance(value, str) and not integer:
             with contextlib.suppress(ValueError):  # PyYAML reads 1e-3 (no dot) as text
                 value = float(value)
-        if isinstance(value, bool) or not isinstance(value, kind) or value != value:
-            expected = "an integer" if integer else "a number"
+        try:
+            finite = math.isfinite(value)
+        except (TypeError, OverflowError):  # not a number; an integer beyond a float's range
+            finite = integer and isinstance(value, int)
+        if isinstance(value, bool) or not isinstance(value, kind) or not finite:
+            expected = "an integer" if integer else "a finite number"
             raise self.error(parent, key, where, f"expected {expected}, got {_kind(value)} "
                                                  f"{value!r}")
         if positive and not value > 0:
@@ -208,6 +213,9 @@ def load_sweep(path: str | Path) -> SweepFile:
         text = path.read_text()
     except OSError as exc:
         raise CfbenchError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CfbenchError(f"cannot read sweep file {path}: not UTF-8 text ({exc.reason} at "
+                           f"byte {exc.start})") from None
     try:
         raw = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except _Problem as exc:

@@ -80,9 +80,12 @@ def reads_are_free(device: torch.device) -> bool:
 
 
 class NonFiniteLoss(ArithmeticError):
-    """The training loss became NaN or infinite: the run stops and is recorded as failed."""
+    """The training loss became NaN or infinite: the run stops and is recorded as failed.
+    `member`: whose loss it was, of the K members a backend trains."""
 
-    def __init__(self, task: Task, task_index: int, step: int, value: float | None) -> None:
+    def __init__(self, task: Task, task_index: int, step: int, value: float | None,
+                 member: int = 0) -> None:
+        self.member = member
         what = "non-finite loss" + (f" {value}" if value is not None else " (nan or inf)")
         super().__init__(f"{what} at task {task_index + 1} ('{task.name}'), step {step + 1} "
                          "of that task; the run was stopped")
@@ -90,9 +93,10 @@ class NonFiniteLoss(ArithmeticError):
 
 def _check_flags(first_bad: torch.Tensor, task: Task, task_index: int) -> None:
     """Read the members' device-side non-finite flags (one sync); stop the run if one is set."""
-    bad = [step for step in first_bad.tolist() if step >= 0]
+    bad = [(step, member) for member, step in enumerate(first_bad.tolist()) if step >= 0]
     if bad:
-        raise NonFiniteLoss(task, task_index, min(bad), None)
+        step, member = min(bad)
+        raise NonFiniteLoss(task, task_index, step, None, member)
 
 
 @dataclass(frozen=True)
@@ -245,9 +249,9 @@ def run_task(backend: ModelBackend, task: Task) -> TaskCost:
         nonlocal first_bad
         losses = backend.forward_backward(data, idx)
         if first_bad is None:
-            for value in losses.view(-1).tolist():
+            for member, value in enumerate(losses.view(-1).tolist()):
                 if not math.isfinite(value):
-                    raise NonFiniteLoss(task, index, i, value)
+                    raise NonFiniteLoss(task, index, i, value, member)
         else:
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), i, first_bad)
             if (i + 1) % NONFINITE_CHECK_EVERY == 0:

@@ -174,8 +174,9 @@ def tune(sweep: SweepFile, data_root: Path, store: Path, options: RunOptions, *,
          out: str | Path | None = None, dry_run: bool = False) -> bool:
     """Plan both phases, run the validation runs into `validation_store(store)`, choose, and run
     the chosen values into `store`. True when every run succeeded and every group got a choice."""
+    sinks = Sink(out, validation_store(store)), Sink(out, store)  # checked before planning
     planned = plan_tune(sweep, data_root)
-    with Sink(out, validation_store(store)) as val, Sink(out, store) as test:
+    with sinks[0] as val, sinks[1] as test:
         if dry_run:
             options.report(dry_run_table(planned.tuning, val.stored()) + "then the chosen "
                            f"values on seeds {list(sweep.seeds)} ({test.where})")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cfbench.cost import check_fits
 from cfbench.data import IdxDataset, load_idx_dataset
 from cfbench.registry import register_scenario
 from cfbench.scenario import Protocol, Scenario, Source, Task, class_groups, split_by_class
@@ -83,6 +84,14 @@ def _check_tasks(tasks: int) -> None:
         raise ValueError(f"tasks must be >= 1, got {tasks}")
 
 
+def _check_room(tasks: int, data: IdxDataset) -> None:
+    """Each task holds its own transformed copy of the images (and labels): refuse a count
+    that cannot fit before building any."""
+    per_task = data.x_train.nbytes + data.x_test.nbytes + 8 * (len(data.y_train)
+                                                               + len(data.y_test))
+    check_fits(tasks * per_task, f"{tasks} tasks", "use fewer tasks")
+
+
 def _flat(data: IdxDataset) -> tuple[torch.Tensor, ...]:
     """Images as N x 784 uint8 and labels as int64 tensors, train then test."""
     return (torch.from_numpy(data.x_train.reshape(len(data.x_train), -1)),
@@ -100,7 +109,9 @@ def permuted_mnist(*, data_root: Path, seed: int, tasks: int = 10) -> Scenario:
     setting one shared 10-way head. Permuted images are precomputed once per task.
     """
     _check_tasks(tasks)
-    x_train, y_train, x_test, y_test = _flat(load_idx_dataset("mnist", data_root))
+    data = load_idx_dataset("mnist", data_root)
+    _check_room(tasks, data)
+    x_train, y_train, x_test, y_test = _flat(data)
     generator = torch.Generator().manual_seed(seed)
     task_list = []
     for t in range(tasks):
@@ -146,6 +157,7 @@ def rotated_mnist(*, data_root: Path, seed: int, tasks: int = 10) -> Scenario:
     """
     _check_tasks(tasks)
     data = load_idx_dataset("mnist", data_root)
+    _check_room(tasks, data)
     x_train, x_test = _images(data.x_train), _images(data.x_test)
     y_train, y_test = torch.from_numpy(data.y_train), torch.from_numpy(data.y_test)
     task_list = [Task(name=f"rot{angle:.1f}", classes=tuple(range(10 * t, 10 * t + 10)),

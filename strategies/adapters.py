@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from cfbench.errors import CfbenchError
-from cfbench.models import BasicBlock, has_running_stats, hold_in_eval, split_head
+from cfbench.models import BasicBlock, has_running_stats, hold_in_eval, linear_shape, split_head
 from cfbench.registry import register_strategy
 from cfbench.scenario import Task
 from cfbench.strategy import Strategy, TrainContext, forward_tasks
@@ -264,7 +264,8 @@ def _check_patterns(option: str, patterns: tuple[str, ...]) -> None:
 class LoRA(FrozenBase):
     """Low-rank adaptation: a frozen layer W plus a trainable low-rank update (alpha/r) B A.
 
-    Every ``nn.Linear`` and ``nn.Conv2d`` whose name (as in ``model.named_modules()``) matches
+    Every linear layer (``nn.Linear``, or the ``Conv1D`` of transformers' GPT-2: its attention
+    and MLP projections) and ``nn.Conv2d`` whose name (as in ``model.named_modules()``) matches
     a glob in `targets` computes W x + (alpha/rank) B A dropout(x); the head is never adapted.
     A (rank x in) is Kaiming-uniform and B (out x rank) zero, so the model is unchanged when the
     adapters are added; a Linear adapter has rank * (in + out) parameters. For a convolution, A is
@@ -303,9 +304,10 @@ class LoRA(FrozenBase):
 
     def _branch(self, name: str, layer: nn.Module) -> Branch:
         options = {"width": self.rank, "scale": self.alpha / self.rank, "dropout": self.dropout}
-        if isinstance(layer, nn.Linear):
-            return Branch(self.routing, in_features=layer.in_features,
-                          out_features=layer.out_features, conv=False, **options)
+        shape = linear_shape(layer)
+        if shape is not None:
+            return Branch(self.routing, in_features=shape[0], out_features=shape[1], conv=False,
+                          **options)
         assert isinstance(layer, nn.Conv2d)
         if layer.groups != 1 or layer.padding_mode != "zeros":
             raise CfbenchError(f"lora cannot adapt convolution '{name}' (groups={layer.groups}, "
@@ -320,7 +322,7 @@ class LoRA(FrozenBase):
             seed = int(torch.randint(2**62, (), generator=ctx.generator))
             self.routing.generator = torch.Generator(ctx.device).manual_seed(seed)
         layers = [(n, m) for n, m in ctx.model.named_modules()
-                  if isinstance(m, nn.Linear | nn.Conv2d) and m is not head
+                  if (linear_shape(m) is not None or isinstance(m, nn.Conv2d)) and m is not head
                   and _matching(n, self.targets)]
         if not layers:
             raise CfbenchError(f"lora: no Linear or Conv2d layer besides the head matches "
@@ -342,12 +344,13 @@ class Adapter(FrozenBase):
     backbone.
 
     Where: after every module whose name matches a glob in `after`; by default (empty) after
-    every residual block of a ResNet (cfbench's and torchvision's BasicBlock and Bottleneck) or,
-    in a model without residual blocks, after every ``nn.ReLU`` (the hidden layers of
-    ``mlp:...``). The head and the model itself are never matched. On a d-feature output (the
-    last dimension) `down` is Linear(d, bottleneck) and `up` Linear(bottleneck, d); on a feature
-    map (N x C x H x W) both are 1x1 convolutions over the C channels. One adapter has
-    2 * d * bottleneck + bottleneck + d parameters. `down` is Kaiming-uniform, `up` and both
+    every residual block of a ResNet (cfbench's and torchvision's BasicBlock and Bottleneck); in
+    a model without residual blocks, after every ``nn.ReLU`` (the hidden layers of ``mlp:...``);
+    in a model with neither, once after its body, on the features the head reads (textgenrnn's
+    attention-pooled features). The head and the model itself are never matched. On a d-feature
+    output (the last dimension) `down` is Linear(d, bottleneck) and `up` Linear(bottleneck, d);
+    on a feature map (N x C x H x W) both are 1x1 convolutions over the C channels. One adapter
+    has 2 * d * bottleneck + bottleneck + d parameters. `down` is Kaiming-uniform, `up` and both
     biases start at zero: Houlsby et al.'s near-identity initialisation taken to its limit, so
     adding adapters leaves the model's function exactly unchanged.
 
@@ -373,13 +376,15 @@ class Adapter(FrozenBase):
         if self.after:
             return [(n, m) for n, m in named if _matching(n, self.after)]
         blocks = [(n, m) for n, m in named if isinstance(m, residual_blocks())]
-        return blocks or [(n, m) for n, m in named if isinstance(m, nn.ReLU)]
+        relus = [(n, m) for n, m in named if isinstance(m, nn.ReLU)]
+        body = split_head(model)[0]
+        return blocks or relus or [(n, m) for n, m in named if m is body]
 
     def wraps(self, ctx: TrainContext, head: nn.Module) -> list[tuple[str, Branched]]:
         places = self._places(ctx.model, head)
         if not places:
             what = f"matches after={','.join(self.after)}" if self.after else (
-                "is a residual block or an nn.ReLU")
+                "is a residual block, an nn.ReLU or the body before the head")
             raise CfbenchError(f"adapter: no module of the model besides the head {what}")
         shapes = output_shapes(ctx, [m for _, m in places])
         wraps = []

@@ -13,7 +13,7 @@ from torch import nn
 from cfbench.errors import CfbenchError
 from cfbench.models import split_head
 from cfbench.registry import register_strategy
-from cfbench.scenario import Setting, Task
+from cfbench.scenario import Setting, Task, token_rows
 from cfbench.strategy import Batch, Stacked, Strategy, TrainContext
 from cfbench.taps import Tap, frozen_copy, module_bytes
 
@@ -111,6 +111,7 @@ class _StackedLwF(Stacked):
     temperature, multiplied in the single run's order."""
 
     members: list[LwF]
+    per_member = ("alpha", "temperature")
 
     def start_task(self) -> None:
         members, job = self.members, self.job
@@ -177,7 +178,9 @@ class LwF(_Distiller):
     def distance(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]
                  ) -> torch.Tensor:
         assert self._groups is not None  # set with the teacher
-        return grouped_kl(student["logits"], teacher["logits"], self._groups, self.temperature)
+        # A sequence's positions are predictions of their own: one KL each, averaged.
+        return grouped_kl(token_rows(student["logits"])[0], token_rows(teacher["logits"])[0],
+                          self._groups, self.temperature)
 
 
 @register_strategy("feature-distill", family="distillation",

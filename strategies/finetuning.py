@@ -280,9 +280,14 @@ class Warmup(Strategy):
 def stratified_holdout(data: TrainData, fraction: float, generator: torch.Generator
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks (kept, held out) over `data`: round(fraction * n_c) random samples of each
-    class c held out, drawn with `generator`."""
+    class c held out, drawn with `generator`; a sequence (a label per token) has no class, so
+    sequences are held out at random, round(fraction * n) of them."""
     n = len(data)
     order = torch.randperm(n, generator=generator).to(data.y.device)
+    if data.y.dim() > 1:
+        held = torch.zeros(n, dtype=torch.bool, device=data.y.device)
+        held[order[:round(fraction * n)]] = True
+        return ~held, held
     order = order[data.y[order].argsort(stable=True)]  # grouped by class, random within each
     _, counts = torch.unique(data.y, return_counts=True)  # sorted classes, as `order` is
     starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
@@ -378,12 +383,12 @@ class EarlyStop(Strategy):
             correct = torch.zeros((), dtype=torch.long, device=ctx.device)
             for start in range(0, len(data), size):
                 batch = ctx.make_batch(data, slice(start, start + size))
-                correct += (ctx.logits(batch).argmax(1) == batch.y).sum()
+                correct += (ctx.logits(batch).argmax(-1) == batch.y).sum()
             hits.append(correct)
         for module, mode in modes:  # each module as it was (frozen batch norms stay in eval)
             module.training = mode
         counts = torch.stack(hits).tolist()
-        return sum(c / len(d) for c, d in zip(counts, self._watch, strict=True)) / len(counts)
+        return sum(c / d.y.numel() for c, d in zip(counts, self._watch, strict=True)) / len(counts)
 
     def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         if not self._watch:

@@ -13,7 +13,7 @@ from torch import nn
 
 from cfbench.models import mlp
 from cfbench.registry import register_strategy
-from cfbench.scenario import Task, apply_mask
+from cfbench.scenario import Classification, Scenario, Task, apply_mask
 from cfbench.strategy import Batch, Strategy, TrainContext, routed_by
 
 
@@ -135,6 +135,12 @@ class GenerativeReplay(Strategy):
         self.rng: torch.Generator | None = None
         self.teacher: nn.Module | None = None
         self._first_step = 0
+
+    def refuses(self, scenario: Scenario) -> str | None:
+        if not isinstance(scenario.objective, Classification):
+            return ("its generator (a VAE over pixels) draws images, and this scenario's "
+                    "samples are not images")
+        return None
 
     def setup(self, ctx: TrainContext) -> None:
         seed = int(torch.randint(2**62, (), generator=ctx.generator))

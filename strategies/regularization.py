@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, vmap
 
 from cfbench.models import split_head
 from cfbench.registry import register_strategy
-from cfbench.scenario import Task, apply_mask
+from cfbench.scenario import Task, apply_mask, token_rows
 from cfbench.strategy import Batch, Stacked, Strategy, TrainContext
 
 Params = dict[str, torch.Tensor]
@@ -67,9 +67,11 @@ def _stack(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 class _StackedQuadratic(Stacked):
     """``Quadratic.after_backward`` for K stacked members: grad += lam * Omega * (p - anchor),
     each member's lam, importance and anchor stacked once per task. lam is folded into Omega,
-    which rounds as ``addcmul``'s `value` does (a member with lam = 0 adds zeros)."""
+    which rounds as ``addcmul``'s `value` does (a member with lam = 0 adds zeros). gamma only
+    decays each member's own importance, after its task."""
 
     members: list[Quadratic]
+    per_member = ("lam", "gamma")
 
     def start_task(self) -> None:
         params, members = self.job.params, self.members
@@ -168,7 +170,9 @@ def param_grads(model: nn.Module, scalar: torch.Tensor) -> Params:
 
 
 def _log_likelihood(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(apply_mask(logits, mask), y, reduction="sum")
+    """log p(y|x) summed over the batch's predictions (a sequence's: over its tokens)."""
+    rows, mask = token_rows(logits, mask)
+    return -F.cross_entropy(apply_mask(rows, mask), y.reshape(-1), reduction="sum")
 
 
 def squared_grads_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
@@ -183,6 +187,32 @@ def squared_grads_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask:
 
     grads = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, x, y, mask)
     return {n: g.pow(2).sum(0) for n, g in grads.items()}
+
+
+def squared_grads_looped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+                         ) -> Params:
+    """The same sum, one backward pass per sample: for models with recurrent layers, whose fused
+    kernels vmap cannot batch (its fallback loops far slower than this)."""
+    params = trainable(model)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(len(x)):
+        logits = model(x[i:i + 1])
+        grads = torch.autograd.grad(_log_likelihood(logits, y[i:i + 1], mask[i:i + 1]),
+                                    list(params.values()), allow_unused=True)
+        for name, g in zip(params, grads, strict=True):
+            if g is not None:
+                total[name] += g.pow(2)
+    return total
+
+
+def squared_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+                  ) -> Params:
+    """Sum over the batch of each sample's squared gradient of log p(y|x), by the fastest exact
+    route for this model. A sequence (a target per position) is one sample whose backward pass
+    already batches its tokens: looping is as fast as vmap there, without vmap's memory."""
+    if y.dim() > 1 or any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return squared_grads_looped(model, x, y, mask)
+    return squared_grads_linear(model, x, y, mask) or squared_grads_vmap(model, x, y, mask)
 
 
 def squared_grads_linear(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
@@ -232,20 +262,26 @@ def _fisher_targets(model: nn.Module, batch: Batch, mask: torch.Tensor, labels: 
     if labels == "empirical":
         return batch.y
     with torch.no_grad():
-        logits = apply_mask(model(batch.x), mask)
+        rows, mask = token_rows(model(batch.x), mask)
+        logits = apply_mask(rows, mask)
     if labels == "predicted":
-        return logits.argmax(1)
+        return logits.argmax(1).view(batch.y.shape)
     probs = torch.softmax(logits, dim=1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    return drawn.view(batch.y.shape)
 
 
 def diagonal_fisher(ctx: TrainContext, task_index: int, samples: int | None,
                     labels: FisherLabels, batch: int = 1, chunk: int = 256) -> Params:
-    """Diagonal Fisher information of the model on (`samples` of) a task's training data.
+    """Diagonal Fisher information of the model on (`samples` of) a task's training data, per
+    prediction: a sequence is one sample whose log-likelihood sums its tokens (their sampled
+    labels are independent given the text, so the cross terms vanish in expectation), and the
+    sum is divided by the tokens counted, so `lam` weighs one prediction as in classification.
 
     With `batch=1`, the mean over samples of the squared per-sample gradient of log p(y|x)
     (a squared batch gradient is not the Fisher), computed in closed form for networks of
-    Linear layers and with vmap for anything else, `chunk` samples at a time. With `batch=B>1`,
+    Linear layers, per sample for recurrent models and sequences and with vmap for anything
+    else, `chunk` samples at a time. With `batch=B>1`,
     Hsu et al. 2018's cheaper minibatch estimate: the mean over shuffled minibatches b of
     |b| * (mean gradient over b)^2, which equals the per-sample Fisher for B=1 and is close to
     it near a minimum. Labels: `"empirical"` the true ones, `"sampled"` drawn from the model's
@@ -259,12 +295,11 @@ def diagonal_fisher(ctx: TrainContext, task_index: int, samples: int | None,
                                     shuffle=batch > 1):
             y = _fisher_targets(model, b, mask, labels, ctx.generator)
             if batch == 1:
-                squared = (squared_grads_linear(model, b.x, y, mask)
-                           or squared_grads_vmap(model, b.x, y, mask))
-                groups += len(y)
+                squared = squared_grads(model, b.x, y, mask)
+                groups += y.numel()
             else:
-                mean_grad = param_grads(model, _log_likelihood(model(b.x), y, mask) / len(y))
-                squared = {n: g.pow(2) * len(y) for n, g in mean_grad.items()}
+                mean_grad = param_grads(model, _log_likelihood(model(b.x), y, mask) / y.numel())
+                squared = {n: g.pow(2) * y.numel() for n, g in mean_grad.items()}
                 groups += 1
             for name, g2 in squared.items():
                 fisher[name] += g2
@@ -385,13 +420,15 @@ def output_sensitivity(ctx: TrainContext, task_index: int, batch: int,
                        units: Literal["sum", "mean"] = "sum") -> Params:
     """MAS importances: the mean over shuffled minibatches of the absolute gradient of the
     minibatch mean of ||F(x)||^2, F(x) being the outputs masked to the units the setting lets
-    the task use (`units="mean"`: the mean square over those units instead, as Hsu et al.)."""
+    the task use (`units="mean"`: the mean square over those units instead, as Hsu et al.); a
+    sequence's positions count as samples."""
     model = ctx.model
     total = {n: torch.zeros_like(p) for n, p in trainable(model).items()}
     count = 0
     with eval_mode(model):
         for b, mask in task_batches(ctx, task_index, batch):
-            squares = torch.where(mask, model(b.x), 0.0).pow(2).sum(1)
+            outputs, mask = token_rows(model(b.x), mask)
+            squares = torch.where(mask, outputs, 0.0).pow(2).sum(1)
             if units == "mean":
                 squares = squares / mask.sum(1)
             for name, g in param_grads(model, squares.mean()).items():

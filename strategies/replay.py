@@ -18,7 +18,7 @@ from scipy.optimize import nnls
 
 from cfbench.memory import Memory, Selection, batch_samples
 from cfbench.registry import register_strategy
-from cfbench.scenario import Task, apply_mask
+from cfbench.scenario import Classification, Scenario, Task, apply_mask
 from cfbench.strategy import Batch, Stacked, Strategy, TrainContext, TrainData
 from cfbench.taps import Tap
 from cfbench.train import autocast
@@ -73,6 +73,14 @@ class _Rehearsal(Strategy):
     def __init__(self, buffer: Memory) -> None:
         self.buffer = buffer
         self._seen_at_start = 0
+
+    def refuses(self, scenario: Scenario) -> str | None:
+        if (self.buffer.selection == "class-balanced"
+                and not isinstance(scenario.objective, Classification)):
+            return ("a class-balanced memory keeps as many samples of every label, and here a "
+                    "label is the next token, so rare symbols would be replayed as often as "
+                    "spaces; use --hp selection=per-task (or reservoir)")
+        return None
 
     def before_task(self, ctx: TrainContext, task: Task) -> None:
         self._seen_at_start = self.buffer.seen
@@ -191,7 +199,7 @@ class DER(_Rehearsal):
         term = self.alpha * F.mse_loss(out[:n], self.buffer.payload[idx])
         if self.beta:
             masked = apply_mask(out[n:], ctx.setting.mask(past.task[n:], ctx.task_index))
-            term = term + self.beta * F.cross_entropy(masked, past.y[n:])
+            term = term + self.beta * ctx.scenario.objective.loss(masked, past.y[n:])
         return term
 
     def after_backward(self, ctx: TrainContext, batch: Batch) -> None:

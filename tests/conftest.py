@@ -50,3 +50,13 @@ def textgenrnn_root(fortunes_root: Path) -> Path:
 
     fetch_textgenrnn(fortunes_root)
     return fortunes_root
+
+
+@pytest.fixture(scope="session")
+def language_root(textgenrnn_root: Path) -> Path:
+    """The data root of the lm-general-to-code scenario: fortunes, the tier-0 weights and the
+    python-code corpus (the standard library's sources, from Debian)."""
+    from cfbench.data.text import fetch_corpus
+
+    fetch_corpus("python-code", textgenrnn_root)
+    return textgenrnn_root

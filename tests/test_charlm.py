@@ -51,8 +51,9 @@ def test_cudnn_conversion_scores_english_and_a_plain_transpose_does_not(
     arrays = read_keras_weights(textgenrnn_files(textgenrnn_root)[0])
     state = state_dict_from_keras(arrays)
     for layer in ("rnn_1", "rnn_2"):  # the pitfall: Keras's layout assumed, kernels transposed
-        state[f"{layer}.weight_ih_l0"] = torch.from_numpy(arrays[f"{layer}/kernel"].T.copy())
-        state[f"{layer}.weight_hh_l0"] = torch.from_numpy(
+        state[f"features.{layer}.weight_ih_l0"] = torch.from_numpy(
+            arrays[f"{layer}/kernel"].T.copy())
+        state[f"features.{layer}.weight_hh_l0"] = torch.from_numpy(
             arrays[f"{layer}/recurrent_kernel"].T.copy())
     wrong = TextgenrnnLM(symbols=vocab.size)
     wrong.load_state_dict(state)

@@ -233,14 +233,14 @@ def test_batch_seeds_gives_the_records_of_seed_by_seed_runs(digits_root, tmp_pat
             "--iterations", "10", "--data-root", str(digits_root), "--quiet"]
     assert main([*base, "--strategy", "naive,si", "--batch-seeds",
                  "--out", str(tmp_path / "batched")]) == 0
-    assert "si: seeds run one at a time" in capsys.readouterr().err
+    assert "si: runs one at a time" in capsys.readouterr().err
     assert main([*base, "--strategy", "naive,si", "--out", str(tmp_path / "single")]) == 0
     batched = {r.run_id: r for r in read_records(tmp_path / "batched")}
     single = {r.run_id: r for r in read_records(tmp_path / "single")}
     assert batched.keys() == single.keys() and len(single) == 4
     for run_id, record in single.items():
         assert batched[run_id].R == record.R
-    assert sorted(str(r.cost.get("batched_seeds")) for r in batched.values()) == \
+    assert sorted(str(r.cost.get("stacked_runs")) for r in batched.values()) == \
         ["2", "2", "None", "None"]
 
 

@@ -277,6 +277,23 @@ def test_fetch_leaves_no_partial_files_after_a_wrong_checksum(toy, tmp_path):
     assert leftovers(tmp_path / toy) == []
 
 
+def test_fetch_replaces_no_file_when_writing_one_fails(toy, tmp_path, monkeypatch):
+    corrupt = with_one_byte_changed(TOY_FILES, "t10k-labels-idx1-ubyte")  # so fetch rewrites
+    target = write_dataset(tmp_path / toy, corrupt)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    write_bytes = Path.write_bytes
+
+    def disk_full_at_the_third(path: Path, raw: bytes) -> int:
+        if path.name == ".t10k-images-idx3-ubyte.partial":
+            raise OSError(28, "No space left on device")
+        return write_bytes(path, raw)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_at_the_third)
+    with pytest.raises(CfbenchError, match="No space left on device"):
+        data.fetch(toy, tmp_path, progress=False, sources=(serving("mirror", TOY_FILES),))
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # all or nothing
+
+
 def test_fetch_lists_the_reason_of_every_source_when_all_fail(toy, tmp_path):
     incomplete = {k: v for k, v in TOY_FILES.items() if k != "t10k-images-idx3-ubyte"}
     sources = (failing("mirror A", "HTTP 503\n  Service Unavailable"),

@@ -13,6 +13,7 @@ from cfbench.strategies.regularization import (
     OnlineEWC,
     diagonal_fisher,
     squared_grads_linear,
+    squared_grads_looped,
     squared_grads_vmap,
 )
 from cfbench.strategy import TrainContext
@@ -42,6 +43,22 @@ def test_closed_form_fisher_equals_per_sample_gradients(digits_root, setting):
     assert fast.keys() == slow.keys()
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-7)
+
+
+def test_recurrent_models_loop_over_samples_to_the_same_fisher():
+    """vmap cannot batch the fused LSTM kernel, so recurrent models take a per-sample loop:
+    the same sum of squared per-sample gradients."""
+    from cfbench.models import TextgenrnnLM
+
+    torch.manual_seed(0)
+    model = TextgenrnnLM(symbols=7, embedding_dim=4, units=3)
+    x, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 7, (6,))
+    mask = torch.ones(6, 7, dtype=torch.bool)
+    looped = squared_grads_looped(model, x, y, mask)
+    mapped = squared_grads_vmap(model, x, y, mask)
+    assert looped.keys() == mapped.keys()
+    for name in looped:
+        torch.testing.assert_close(looped[name], mapped[name], rtol=1e-4, atol=1e-7)
 
 
 def test_fisher_is_not_a_squared_batch_gradient(digits_root):

@@ -324,16 +324,26 @@ def test_imagenet_folder_errors_name_the_folder_and_the_fix(tmp_path, root):
 
 # --- weights ---------------------------------------------------------------------------------
 
+class Hostile:
+    """Unpickled, it would run a command."""
+
+    def __reduce__(self) -> tuple:
+        return os.system, ("echo owned",)
+
+
 def test_bad_checkpoints_are_one_line_errors_with_the_fix(tmp_path):
     fix = "torch.save(torchvision.models.resnet18().state_dict(), path)"
     cases = {"garbage.pth": b"garbage",
              "resnet10.pth": torchvision.models.resnet18(num_classes=10).state_dict(),
              "resnet34.pth": torchvision.models.resnet34().state_dict(),
-             "model.pth": [1, 2, 3]}
+             "model.pth": [1, 2, 3],
+             "hostile.pth": {"fc.weight": Hostile()}}
     expected = {"garbage.pth": "is not a readable PyTorch checkpoint",
                 "resnet10.pth": "wrong shape: fc.weight (10, 512) instead of (1000, 512)",
                 "resnet34.pth": "unexpected: layer1.2.conv1.weight",
-                "model.pth": "it holds a list, not a dict of tensors"}
+                "model.pth": "it holds a list, not a dict of tensors",
+                "hostile.pth": f"refers to {os.system.__module__}.system, which cfbench refuses "
+                               "to unpickle"}
     for name, content in cases.items():
         path = tmp_path / name
         if isinstance(content, bytes):
@@ -344,6 +354,7 @@ def test_bad_checkpoints_are_one_line_errors_with_the_fix(tmp_path):
             imagenet.resnet18_weights(str(path))
         message = one_line(exc)
         assert str(path) in message and expected[name] in message and fix in message
+        assert "weights_only" not in message  # torch's advice to turn the protection off
     with pytest.raises(CfbenchError, match="neither a torchvision ResNet18_Weights name"):
         imagenet.resnet18_weights(str(tmp_path / "absent.pth"))
 

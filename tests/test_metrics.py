@@ -107,3 +107,19 @@ def test_mammoth_convention_takes_forgetting_max_over_every_row():
 def test_unknown_convention_is_an_error():
     with pytest.raises(ValueError, match="unknown metric convention"):
         metrics.all_metrics(R3, "avalanche")
+
+
+def test_language_metrics_read_perplexity_from_the_loss_matrix():
+    # Held-out nats per token: column 1 the source, columns 2-3 downstream domains.
+    loss = [[6.0, 6.0, 6.0],
+            [2.0, 4.0, 3.0],   # the pretrained model
+            [2.5, 1.0, 3.5],
+            [3.0, 2.0, 1.0]]
+    m = metrics.language_metrics(loss)
+    assert m["source_ppl_before"] == pytest.approx(math.exp(2.0))
+    assert m["source_ppl_after"] == pytest.approx(math.exp(3.0))
+    assert m["source_logppl_increase"] == pytest.approx(1.0)
+    assert m["target_ppl_before"] == pytest.approx(math.exp(3.5))
+    assert m["target_ppl_after"] == pytest.approx(math.exp(1.5))
+    diverged = metrics.language_metrics([[6.0, 6.0], [2.0, 4.0], [1e4, 1.0]])
+    assert diverged["source_ppl_after"] == math.inf

@@ -1,6 +1,6 @@
 """The one run path as `cfbench run` drives it: killed with kill -9 or stopped with SIGTERM, it
-keeps every finished run and `--resume` completes the rest, each run exactly once; seed batching
-resumes per run."""
+keeps every finished run and `--resume` completes the rest, each run exactly once; a stacked
+job (seeds, grid points) resumes per run."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from cfbench import executors
 from cfbench.cli import main
-from cfbench.executors import RunSetup, make_jobs
+from cfbench.executors import RunSetup, SerialExecutor, make_jobs, run_job
 from cfbench.experiment import plan_runs
 from cfbench.records import read_records
+from cfbench.runs import PlannedRun, RunOptions, Sink, run_plan
 from tests.test_cli import CFBENCH
 from tests.test_sweep import one_thread, write  # noqa: F401 (an autouse fixture)
 from tests.test_sweep_failures import PLUGIN, assert_gone, workers_of
@@ -86,7 +90,7 @@ def test_a_batched_job_whose_seeds_are_partly_done_runs_only_the_missing_ones(
             "--data-root", str(digits_root), "--quiet"]
     assert main(args) == 0
     first = {r.config["seed"]: r for r in read_records(out)}
-    assert [first[s].cost["batched_seeds"] for s in range(3)] == [3, 3, 3]
+    assert [first[s].cost["stacked_runs"] for s in range(3)] == [3, 3, 3]
     for seed in (0, 2):
         (out / f"{first[seed].run_id}.json").unlink()
     kept = (out / f"{first[1].run_id}.json").read_bytes()
@@ -96,19 +100,77 @@ def test_a_batched_job_whose_seeds_are_partly_done_runs_only_the_missing_ones(
     again = {r.config["seed"]: r for r in read_records(out)}
     assert (out / f"{first[1].run_id}.json").read_bytes() == kept
     for seed in (0, 2):  # one job of the two missing seeds, with the records they had
-        assert again[seed].cost["batched_seeds"] == 2 and again[seed].R == first[seed].R
+        assert again[seed].cost["stacked_runs"] == 2 and again[seed].R == first[seed].R
 
 
-def test_jobs_group_seeds_only_when_batching_and_time_out_per_run(digits_root):
-    configs = [c for precision in ("fp32", "bf16") for c in plan_runs(
+def test_a_stacked_grid_whose_runs_are_partly_done_runs_only_the_missing_ones(
+        tmp_path, digits_root):
+    """Grid points resume as seeds do: of EWC's two lam values x two seeds (one job of four),
+    the two runs whose records are gone rerun as one job of two, with the records they had."""
+    configs = [c for lam in (10.0, 1000.0) for c in plan_runs(
+        scenario="split-digits", settings=["class"], strategies=["ewc"],
+        hparams={"ewc": {"lam": lam, "fisher_samples": 64}}, seeds=range(2),
+        protocol_overrides={"iterations": 10}, data_root=digits_root)]
+    runs, sink = [PlannedRun(c) for c in configs], Sink(out=tmp_path)
+    options = RunOptions(SerialExecutor(RunSetup(digits_root)), resume=True, stack=True)
+    run_plan(runs, sink, "grid", options)
+    first = sink.stored()
+    assert [first[c.run_id].cost["stacked_runs"] for c in configs] == [4, 4, 4, 4]
+    gone = [configs[0].run_id, configs[3].run_id]
+    for run_id in gone:
+        (tmp_path / f"{run_id}.json").unlink()
+    outcome = run_plan(runs, sink, "grid", options)
+    assert len(outcome.ok) == 2 and len(outcome.skipped) == 2
+    again = sink.stored()
+    for run_id in gone:
+        assert again[run_id].cost["stacked_runs"] == 2 and again[run_id].R == first[run_id].R
+
+
+def test_a_stacked_job_past_its_timeout_fails_every_run_and_reruns_none(digits_root):
+    """The alarm stops the job at K x the limit: each run is a failed record, none is
+    retried one at a time (which would run without a limit)."""
+    job = tuple(plan_runs(scenario="split-digits", settings=["class"], strategies=["naive"],
+                          hparams={}, seeds=range(2), protocol_overrides={"iterations": 2000},
+                          data_root=digits_root))
+    start = time.monotonic()
+    records = run_job(job, RunSetup(digits_root, timeout=0.05))
+    assert time.monotonic() - start < 5
+    assert [(r.status, r.error) for r in records] == [
+        ("failed", "RunTimeout: the run exceeded its timeout of 0.1 s and was stopped")] * 2
+
+
+def test_jobs_stack_only_when_asked_split_to_fill_slots_and_time_out_per_run(
+        digits_root, monkeypatch: pytest.MonkeyPatch):
+    """Groups that cannot stack say why, once per reason; one that can is split into
+    near-equal jobs while that keeps the slots busy, and into jobs of at most MOST_STACKED
+    runs."""
+    configs = [c for precision, settings in (("fp32", ["class"]), ("bf16", ["class", "task"]))
+               for c in plan_runs(scenario="split-digits", settings=settings,
+                                  strategies=["naive"], hparams={}, seeds=range(2),
+                                  protocol_overrides={"iterations": 5, "precision": precision},
+                                  data_root=digits_root)]
+    grid = [c for lr in (1e-3, 1e-2, 1e-1) for c in plan_runs(
         scenario="split-digits", settings=["class"], strategies=["naive"], hparams={},
-        seeds=range(2), protocol_overrides={"iterations": 5, "precision": precision},
-        data_root=digits_root)]
+        seeds=range(2), protocol_overrides={"iterations": 5, "lr": lr}, data_root=digits_root)]
     notes: list[str] = []
-    jobs = make_jobs(configs, batch_seeds=True, note=notes.append)
-    assert [[c.seed for c in job] for job in jobs] == [[0, 1], [0], [1]]
-    assert len(notes) == 1 and notes[0].startswith("naive: seeds run one at a time (bf16")
-    unbatched = make_jobs(configs, batch_seeds=False, note=notes.append)
-    assert [len(job) for job in unbatched] == [1, 1, 1, 1] and len(notes) == 1
+    jobs = make_jobs(configs, stack=True, note=notes.append)
+    assert [len(job) for job in jobs] == [2, 1, 1, 1, 1]
+    assert notes == ["naive: runs one at a time (bf16, compiled and fused-optimizer runs are "
+                     "not batched (each seed would not get its own run's numbers))"]
+    unstacked = make_jobs(configs, stack=False, note=notes.append)
+    assert [len(job) for job in unstacked] == [1] * 6 and len(notes) == 1
     setup = RunSetup(digits_root, timeout=10.0)
-    assert [setup.limit(job) for job in jobs] == [20.0, 10.0, 10.0]
+    assert [setup.limit(job) for job in jobs] == [20.0, 10.0, 10.0, 10.0, 10.0]
+    sizes = {slots: [len(job) for job in make_jobs(grid, True, notes.append, slots)]
+             for slots in (1, 2, 4, 9)}
+    assert sizes == {1: [6], 2: [3, 3], 4: [1, 2, 1, 2], 9: [1] * 6}
+    monkeypatch.setattr(executors, "MOST_STACKED", 4)
+    assert [len(job) for job in make_jobs(grid, True, notes.append)] == [3, 3]
+
+
+def test_a_timeout_beyond_the_interval_timer_is_no_limit_not_an_overflow():
+    """A finite but astronomically long --timeout (1e300 s) passes validation; the alarm that
+    enforces it must not overflow the interval timer."""
+    with executors._deadline(1e300):
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 1e8
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0

@@ -22,7 +22,8 @@ def record(run_id: str, *, scenario: str = "split-digits", strategy: str = "naiv
     return RunRecord(
         run_id=run_id, status=status,
         config={"scenario": scenario, "setting": "task", "strategy": strategy, "seed": seed,
-                "hparams": {strategy: {}}},
+                "hparams": {strategy: {}}, "scenario_options": {}, "scenario_seed": 0,
+                "protocol": {}, "device": "cpu"},
         R=[[0.1, 0.1], [acc, 0.2], [acc, acc]], metrics={"acc": acc, "bwt": float("nan")},
         cost={"train_seconds": 1.0}, finished_at="2026-11-22T00:00:00+00:00")
 
@@ -124,7 +125,7 @@ def test_json_lines_export_and_import_merge(tmp_path):
         assert b.import_jsonl(tmp_path / "a.jsonl") == 2
         assert len(b) == 3 and b.find("2222").metrics["acc"] == 0.9
         (tmp_path / "bad.jsonl").write_text(lines[0] + "\n{not json\n")
-        with pytest.raises(CfbenchError, match="bad.jsonl:2 is not a run record"):
+        with pytest.raises(CfbenchError, match="bad.jsonl:2: not a run record: not JSON"):
             b.import_jsonl(tmp_path / "bad.jsonl")
         assert len(b) == 3  # nothing of the bad file was written
 

@@ -87,20 +87,21 @@ def test_the_readme_example_runs_every_grid_point_once(example, digits_root, cap
     assert all(line.rstrip().endswith("ok") for line in lines)
 
 
-def test_process_pool_with_batched_seeds_records_equal_serial(example, tmp_path, digits_root):
-    """A worker takes a job of both seeds of a configuration and returns each seed's record."""
+def test_process_pool_with_stacked_runs_records_equal_serial(example, tmp_path, digits_root):
+    """A worker takes a stacked job (both seeds of naive; both seeds of both lam values of ewc)
+    and returns each run's own record."""
     path, serial = example
     db = tmp_path / "process.sqlite"
     assert main(["sweep", str(path), "--executor", "process", "--workers", "2", "--store",
                  str(db), "--out", str(tmp_path / "json"), "--data-root", str(digits_root),
-                 "--batch-seeds", "--quiet"]) == 0
+                 "--stack", "--quiet"]) == 0
     pooled = stored(db)
     assert sorted(pooled) == sorted(serial)
     assert sorted(p.stem for p in (tmp_path / "json").glob("*.json")) == sorted(serial)
     for run_id, record in pooled.items():
         assert comparable(record) == comparable(serial[run_id])
         assert record.env["threads"] == 1  # 2 cores // 2 workers
-        assert record.cost["batched_seeds"] == 2
+        assert record.cost["stacked_runs"] == (4 if record.config["strategy"] == "ewc" else 2)
 
 
 def test_ray_records_equal_serial(example, tmp_path, digits_root):

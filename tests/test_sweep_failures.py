@@ -3,6 +3,8 @@ kill -9, Ctrl-C. Nothing finished is lost, nothing runs twice, and resume comple
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -114,6 +116,47 @@ def test_kill_9_mid_sweep_then_resume_completes_every_run_exactly_once(
         assert after[run_id].started_at == record.started_at
 
 
+SPIN = """
+from pathlib import Path
+
+from cfbench import Strategy, register_strategy
+
+
+@register_strategy("spin", family="test")
+class Spin(Strategy):
+    '''Computes forever, after saying it started.'''
+
+    def setup(self, ctx):
+        Path(__file__).with_suffix(".started").touch()
+        while True:
+            pass
+"""
+
+
+def test_no_process_of_a_sweep_outlives_its_driver_killed_mid_run_by_kill_9(tmp_path,
+                                                                            digits_root):
+    plugin = write(tmp_path, SPIN, "plugin_spin.py")
+    path = write(tmp_path, "scenarios: split-digits\nsettings: task\nstrategies: spin\n"
+                           "protocol: {iterations: 5}\n")
+    proc = start_sweep(path, tmp_path / "runs.sqlite", digits_root, "--plugin", str(plugin))
+    deadline = time.monotonic() + 60
+    while not plugin.with_suffix(".started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    family = descendants(proc.pid)
+    try:
+        assert len(family) == 3  # the resource tracker, the fork server, the busy worker
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert_gone(family, within=5)
+    finally:  # a failure must not leave a busy worker behind
+        proc.kill()
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+
+
 def test_ctrl_c_records_runs_in_flight_as_interrupted_and_resume_completes_them(
         tmp_path, digits_root, capsys):
     path = write(tmp_path, SLOW)
@@ -153,9 +196,23 @@ def workers_of(pid: int) -> list[int]:
     return server + [p for p, parent in parents.items() if parent in server]
 
 
-def assert_gone(pids: list[int]) -> None:
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc): the fork server, the resource tracker and
+    the workers of a sweep."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def assert_gone(pids: list[int], within: float = 30.0) -> None:
     """Workers do not outlive their sweep, however it ended."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         alive = [p for p in pids if Path(f"/proc/{p}").exists()
                  and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]

@@ -157,6 +157,23 @@ tune:
 """
 
 
+def test_tune_stacks_its_grid_points_and_gets_the_records_of_separate_runs(tmp_path,
+                                                                           digits_root):
+    """With --stack, the validation runs of both lam values form one job, as do the two
+    reported seeds, and every record is the one the unstacked tune gets."""
+    path = write(tmp_path, TUNE, "tune.yaml")
+    for name, flags in (("alone", []), ("stacked", ["--stack"])):
+        assert main(["tune", str(path), "--executor", "serial", "--store",
+                     str(tmp_path / f"{name}.sqlite"), "--data-root", str(digits_root),
+                     "--quiet", *flags]) == 0
+    for stage in ("", ".validation"):
+        alone, stacked = (stored(tmp_path / f"{name}{stage}.sqlite")
+                          for name in ("alone", "stacked"))
+        assert stacked.keys() == alone.keys() and len(alone) == 2
+        for run_id, record in stacked.items():
+            assert record.R == alone[run_id].R and record.cost["stacked_runs"] == 2
+
+
 @pytest.mark.parametrize("edit, message", [
     (("seeds: [0]", "seeds: [2, 3]"), r"tune.yaml:7: tune.seeds: seed\(s\) \[2\] are also in "
                                       r"'seeds'; tune on seeds disjoint"),

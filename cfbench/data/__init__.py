@@ -105,6 +105,14 @@ def _read_maybe_gzip(path: Path) -> bytes:
     return data
 
 
+def refuse_directory(path: Path, fix: str) -> None:
+    """Raise if `path`, where a data file belongs, is a directory: "not found" would send the
+    user looking for a file that is there, and writing over it would fail half-way."""
+    if path.is_dir():
+        raise CfbenchError(f"{path} is a directory where a data file belongs; remove it, then "
+                           f"{fix}")
+
+
 def _find(directory: Path, filename: str) -> Path | None:
     for candidate in (directory / filename, directory / f"{filename}.gz"):
         if candidate.is_file():
@@ -134,6 +142,8 @@ def _load_idx_dataset(name: str, root: Path) -> IdxDataset:
     for filename in IDX_FILES:
         path = _find(directory, filename)
         if path is None:
+            for candidate in (directory / filename, directory / f"{filename}.gz"):
+                refuse_directory(candidate, f"run `cfbench data fetch {name} --data-root {root}`")
             raise CfbenchError(
                 f"{name} file '{filename}' not found in {directory} (nor {filename}.gz); run "
                 f"`cfbench data fetch {name} --data-root {root}` or copy the four IDX files there"
@@ -251,6 +261,8 @@ def fetch(name: str, root: Path, progress: bool = True,
     target = root / name
     if is_present(name, root):
         return target
+    for filename in IDX_FILES:  # before any download: nothing could be written over it
+        refuse_directory(target / filename, f"run `cfbench data fetch {name}` again")
     tried = []
     for source in sources if sources is not None else SOURCES[name]:
         with tempfile.TemporaryDirectory(prefix="cfbench-fetch-") as tmp:
@@ -301,13 +313,19 @@ def _install(name: str, found: Path, target: Path, progress: bool) -> None:
 
 
 def write_verified(directory: Path, files: dict[str, bytes]) -> None:
-    """Write verified bytes into `directory`, each file under a temporary name renamed into
-    place, so a reader never sees a partial file and a failure leaves no half-written one."""
+    """Write verified bytes into `directory` all or nothing: every target is checked and every
+    file written in full under a temporary name before the first is renamed into place, so a
+    failure leaves the files that were there as they were, and a reader never sees a partial
+    one."""
+    for filename in files:
+        refuse_directory(directory / filename, "fetch again")
     directory.mkdir(parents=True, exist_ok=True)
-    for filename, raw in files.items():
-        partial = directory / f".{filename}.partial"
-        try:
+    staged = {directory / f".{filename}.partial": raw for filename, raw in files.items()}
+    try:
+        for partial, raw in staged.items():
             partial.write_bytes(raw)
+        for partial, filename in zip(staged, files, strict=True):
             os.replace(partial, directory / filename)
-        finally:
+    finally:
+        for partial in staged:
             partial.unlink(missing_ok=True)

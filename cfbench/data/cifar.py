@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cfbench.data import _one_line
+from cfbench.data import _one_line, refuse_directory
 from cfbench.errors import CfbenchError
 
 
@@ -110,6 +110,7 @@ def _read(layout: CifarLayout, root: Path, filename: str, md5: dict[str, str]) -
     directory = root / layout.folder
     path = directory / filename
     if not path.is_file():
+        refuse_directory(path, _fix(layout, root))
         raise CfbenchError(f"{layout.name} file '{filename}' not found in {directory}; "
                            f"{_fix(layout, root)}")
     raw = path.read_bytes()
@@ -203,6 +204,9 @@ def fetch_cifar(name: str, root: Path) -> Path:
         return target
     except CfbenchError:
         pass
+    files = (*layout.train, *layout.test, layout.meta)
+    for filename in files:  # before the download: nothing could be moved over it
+        refuse_directory(target / filename, f"fetch {name} again")
     from torchvision import datasets
 
     root.mkdir(parents=True, exist_ok=True)
@@ -218,7 +222,7 @@ def fetch_cifar(name: str, root: Path) -> Path:
                 f"{layout.torchvision_class}(download=True) failed: {_one_line(exc)}. Download "
                 f"{layout.url} by hand and extract it in {root}") from None
         target.mkdir(exist_ok=True)
-        for filename in (*layout.train, *layout.test, layout.meta):
+        for filename in files:
             os.replace(scratch / layout.folder / filename, target / filename)
     _load_cifar.cache_clear()
     return target

@@ -180,6 +180,9 @@ def resnet18_weights(weights: str) -> dict[str, torch.Tensor]:
                                f"{checkpoints / name}, or pass weights=PATH to a resnet18 "
                                "state_dict file") from None
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise CfbenchError(f"weights {path} is a directory; pass the checkpoint file itself, "
+                           f"or {SAVE_HINT}")
     if not path.is_file():
         raise CfbenchError(f"weights '{weights}' is neither a torchvision ResNet18_Weights name "
                            f"({', '.join(ResNet18_Weights.__members__)}) nor an existing file; "
@@ -187,7 +190,14 @@ def resnet18_weights(weights: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # whatever the file is, it is not a checkpoint we can read
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        rejected = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
+        if rejected:
+            raise CfbenchError(f"weights file {path} refers to {rejected[1]}, which cfbench "
+                               "refuses to unpickle (it loads plain tensors only; the file may "
+                               f"be hostile, or another program's); {SAVE_HINT}") from None
+        # torch wraps its reason in advice to turn the protection off: keep only the reason
+        kept = [p for p in re.split(r"\n\s*\n", str(exc)) if "weights_only" not in p]
+        reason = " ".join(" ".join(kept).split())[:200] or type(exc).__name__
         raise CfbenchError(f"weights file {path} is not a readable PyTorch checkpoint "
                            f"({reason}); {SAVE_HINT}") from None
     with torch.device("meta"):

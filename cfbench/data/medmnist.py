@@ -15,14 +15,13 @@ altered file.
 from __future__ import annotations
 
 import hashlib
-import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cfbench.data import refuse_directory
 from cfbench.errors import CfbenchError
 
 
@@ -131,6 +130,7 @@ def load_medmnist(flag: str, root: Path, size: int = 28, rgb: bool = True) -> Me
     check_size(size)
     path = root / "medmnist" / file_name(flag, size)
     if not path.is_file():
+        refuse_directory(path, _how_to_get(flag, size, root))
         raise CfbenchError(f"MedMNIST file {path} not found; {_how_to_get(flag, size, root)}")
     fix = f"delete it and {_how_to_get(flag, size, root)}"
     expected = expected_md5(flag, size)
@@ -159,7 +159,10 @@ def _read_npz(path: Path, fix: str) -> dict[str, np.ndarray]:
                 raise CfbenchError(f"{path} is not a MedMNIST file: it lacks the arrays "
                                    f"{', '.join(missing)}; {fix}")
             return {name: npz[name] for name in ARRAYS}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except CfbenchError:
+        raise
+    except Exception as exc:  # any failure to decode means the same: zip, zlib, an encrypted
+        # member, numpy's header parser (even tokenize's errors), a header asking for terabytes
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise CfbenchError(f"{path} is not a readable npz file ({reason}); {fix}") from None
 

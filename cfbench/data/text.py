@@ -29,7 +29,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfbench.data import extract_debian_package
+import torch
+
+from cfbench.data import extract_debian_package, refuse_directory
 from cfbench.errors import CfbenchError
 
 
@@ -249,6 +251,8 @@ def _load_corpus(name: str, root: Path) -> Corpus:
     directory = corpus_dir(name, root)
     path = directory / DOCUMENTS
     if not path.is_file() or not (directory / MANIFEST).is_file():
+        for part in (path, directory / MANIFEST):
+            refuse_directory(part, f"run `cfbench data fetch {name} --data-root {root}`")
         raise CfbenchError(f"text corpus {name} not found in {directory}; run "
                            f"`cfbench data fetch {name} --data-root {root}`")
     raw = path.read_bytes()
@@ -361,6 +365,12 @@ def fetch_corpus(name: str, root: Path) -> Path:
 
 # --- splits --------------------------------------------------------------------------------
 
+HELDOUT_FRACTION = 0.1
+SPLIT_SEED = 0
+"""The one split of every corpus that the language models use: the lm-* scenarios score the
+held-out documents, and tier 1's pretraining (``cfbench.gpt``) reads only the training ones."""
+
+
 @dataclass(frozen=True)
 class TextSplit:
     """Documents assigned whole to train or held-out, by a seeded hash of their ids."""
@@ -371,8 +381,8 @@ class TextSplit:
     seed: int
 
 
-def split_documents(documents: Sequence[Document], heldout_fraction: float = 0.1,
-                    seed: int = 0) -> TextSplit:
+def split_documents(documents: Sequence[Document], heldout_fraction: float = HELDOUT_FRACTION,
+                    seed: int = SPLIT_SEED) -> TextSplit:
     """Split by document, never inside one: a document is held out when the hash of
     (seed, id) falls below `heldout_fraction`. Hashing ids, not shuffling positions, keeps
     each document's side fixed when others are added or removed; both sides keep corpus order.
@@ -388,3 +398,26 @@ def split_documents(documents: Sequence[Document], heldout_fraction: float = 0.1
         raise CfbenchError(f"splitting {len(documents)} documents with heldout_fraction "
                            f"{heldout_fraction} left one side empty; use more documents")
     return TextSplit(tuple(train), tuple(heldout), heldout_fraction, seed)
+
+
+def sample_spans(texts: Sequence[str], encode: Callable[[str], Sequence[int]], budget: int,
+                 span: int, generator: torch.Generator, unit: int = 1
+                 ) -> Iterator[tuple[Sequence[int], int, int]]:
+    """Spans of text to predict, until `budget` predicted positions: from each text in a seeded
+    order, one span of at most `span` positions (a multiple of `unit`) at a seeded offset.
+    Yields (the text's symbols, start, length): symbols start+1 .. start+length are the
+    targets, each read after the symbols before it. A text with fewer than `unit` targets is
+    skipped. Windows (one target each, ``unit=1``) and fixed-length blocks (``unit`` = the
+    block) are cut from the same spans by this one rule."""
+    total = 0
+    for i in torch.randperm(len(texts), generator=generator).tolist():
+        if budget - total < unit:
+            break
+        symbols = encode(texts[i])
+        targets = len(symbols) - 1
+        length = min(span, targets, budget - total) // unit * unit
+        if length == 0:
+            continue
+        start = int(torch.randint(targets - length + 1, (1,), generator=generator))
+        yield symbols, start, length
+        total += length

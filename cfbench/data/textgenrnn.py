@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from cfbench.data import write_verified
+from cfbench.data import refuse_directory, write_verified
 from cfbench.errors import CfbenchError
 
 PACKAGE = "textgenrnn==2.0.0"
@@ -50,6 +50,7 @@ def textgenrnn_files(root: Path) -> tuple[Path, Path]:
     paths = (directory / WEIGHTS, directory / VOCAB)
     for path in paths:
         if not path.is_file():
+            refuse_directory(path, f"run `{FETCH_COMMAND} --data-root {root}`")
             raise CfbenchError(f"textgenrnn file '{path.name}' not found in {directory}; run "
                                f"`{FETCH_COMMAND} --data-root {root}`")
         _check(path.name, path.read_bytes(), f"in {directory}",
