@@ -65,8 +65,11 @@ def test_crashed_workers_and_timeouts_are_failed_records_and_the_sweep_goes_on(
     assert "1 ok, 2 failed, 0 interrupted" in capsys.readouterr().out
 
 
+# Runs long enough (a second or more each) that, once the first is stored, the others are still
+# in flight or waiting when the test signals the sweep: on a quiet machine shorter runs all
+# finish before the signal lands.
 SLOW = ("name: slow\nscenarios: split-digits\nsettings: [task, class]\nstrategies: [naive]\n"
-        "seeds: 3\nprotocol: {iterations: 60}\n")
+        "seeds: 3\nprotocol: {iterations: 400}\n")
 
 
 def start_sweep(path: Path, db: Path, root: Path, *extra: str) -> subprocess.Popen:
