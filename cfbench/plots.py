@@ -4,8 +4,8 @@
 - Accuracy curves: each task's accuracy across the sequence, a panel per strategy.
 - Stability vs plasticity: learning accuracy (LA) against forgetting (FM), with 95% CIs.
 - Cost vs ACC: train seconds, peak RSS and GFLOPs against ACC, with the Pareto front.
-- Learning vs forgetting (language models): the downstream perplexity gained against the
-  source perplexity lost, with 95% CIs.
+- Learning vs forgetting (language models): the downstream perplexity reached against the
+  increase in the source's log-perplexity, with 95% CIs.
 
 A strategy keeps its colour in every figure (colours follow the sorted list of all labels).
 """
@@ -132,7 +132,8 @@ def _tradeoff(points: Sequence[tuple[str, float, float, float, float]],
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", frameon=False)
+    # Beside the axes, not on them: with tens of strategies a legend inside hides the points.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_title(title)
     return fig
 
@@ -144,14 +145,15 @@ def _stability(block: pd.DataFrame, palette: dict[str, tuple], title: str):
 
 
 def _learning_forgetting(block: pd.DataFrame, palette: dict[str, tuple], title: str):
-    # The "before" perplexities are the pretrained model's, the same for every strategy, so a
-    # difference varies over seeds only through its "after" term.
-    points = [(r["label"], r["target_ppl_before"] - r["target_ppl_after"],
-               r["source_ppl_after"] - r["source_ppl_before"], r["target_ppl_after ci"],
-               r["source_ppl_after ci"]) for _, r in block.iterrows()]
-    fig = _tradeoff(points, palette, title, "learned: downstream perplexity gained",
-                    "forgotten: source perplexity lost")
-    fig.axes[0].axhline(0, color="0.5", lw=0.8)
+    points = [(r["label"], r["target_ppl_after"], r["source_logppl_increase"],
+               r["target_ppl_after ci"], r["source_logppl_increase ci"])
+              for _, r in block.iterrows()]
+    fig = _tradeoff(points, palette, title,
+                    "learned: downstream perplexity after (lower: better)",
+                    "forgotten: source Δ log-perplexity, nats")
+    ax = fig.axes[0]
+    ax.set_xscale("log")
+    ax.axhline(0, color="0.5", lw=0.8)
     return fig
 
 
