@@ -149,9 +149,11 @@ def sample_windows(texts: Sequence[str], vocab: CharVocab, characters: int, span
     does in place."""
     windows, targets = [], []
     for symbols, start, length in sample_spans(texts, vocab.encode, characters, span, generator):
-        inputs, nexts = next_char_windows(symbols)
-        windows.append(inputs[start:start + length].to(torch.int16))
-        targets.append(nexts[start:start + length])
+        # Only the span and the MAX_LENGTH symbols before it, not the whole document.
+        first = max(0, start + 1 - MAX_LENGTH)
+        inputs, nexts = next_char_windows(symbols[first:start + length + 1])
+        windows.append(inputs[-length:].to(torch.int16))
+        targets.append(nexts[-length:])
     if not targets:
         raise CfbenchError("no in-vocabulary characters to make windows from")
     return torch.cat(windows), torch.cat(targets)
