@@ -42,11 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import stack_module_state
+from torch.nn import functional as F
 
 from cfbench.errors import CfbenchError
 from cfbench.experiment import execute, fill, new_record, utc_now
 from cfbench.records import RunConfig, RunRecord
-from cfbench.scenario import apply_mask
+from cfbench.scenario import Task, apply_mask
 from cfbench.strategy import (
     Batch,
     Compose,
@@ -166,7 +167,6 @@ class StackedBackend(ModelBackend):
 
     def __init__(self, ctxs: list[TrainContext], strategies: list[Strategy]) -> None:
         super().__init__(ctxs, strategies)
-        self.setting = ctxs[0].setting
         self.layers = _layers(ctxs[0].model)
         self.params: dict[str, torch.Tensor] = stack_module_state([c.model for c in ctxs])[0]
         forms = [stacked_form(part) for part in _parts(strategies[0])]
@@ -204,16 +204,37 @@ class StackedBackend(ModelBackend):
                 x = x.relu()
         return x
 
+    def begin_task(self, task: Task) -> list[TrainData]:
+        data = super().begin_task(task)
+        first = data[0]
+        self.one_source = (all(c.augment_generator is None for c in self.ctxs)
+                           and all(d.x is first.x and d.y is first.y
+                                   and torch.equal(d.task, first.task) for d in data))
+        return data
+
+    def stream_batches(self, data: list[TrainData], idx: tuple[torch.Tensor, ...]
+                       ) -> list[Batch]:
+        """Each member's minibatch as drawn from the task. Members that draw from one dataset
+        without augmentation are prepared in one call: preparation is per element, so each
+        member gets the batch its own run prepares, for one call's overhead instead of K."""
+        if not self.one_source:
+            return [c.make_batch(d, i, augment=True)
+                    for c, d, i in zip(self.ctxs, data, idx, strict=True)]
+        joined = self.ctxs[0].make_batch(data[0], torch.cat(idx))
+        sizes = [len(i) for i in idx]
+        return [Batch(x, y, t) for x, y, t in zip(joined.x.split(sizes), joined.y.split(sizes),
+                                                 joined.task.split(sizes), strict=True)]
+
     def forward_backward(self, data: list[TrainData], idx: tuple[torch.Tensor, ...]
                          ) -> torch.Tensor:
-        streams = [c.make_batch(d, i, augment=True)
-                   for c, d, i in zip(self.ctxs, data, idx, strict=True)]
+        streams = self.stream_batches(data, idx)
         batches = ([s.batch(c, b) for s, c, b in zip(self.strategies, self.ctxs, streams,
                                                       strict=True)]
                    if self.has["batch"] else streams)
         x, y = torch.stack([b.x for b in batches]), torch.stack([b.y for b in batches])
         outputs = self.forward(self.params, x)
-        mask = self.setting.mask(torch.cat([b.task for b in batches]), self.ctxs[0].task_index)
+        mask = self.ctxs[0].setting.mask(torch.cat([b.task for b in batches]),
+                                         self.ctxs[0].task_index)
         logits = apply_mask(outputs.flatten(0, 1), mask).view(outputs.shape)
         losses = self.scenario.objective.loss(logits, y)
         for form in self.forms:
@@ -230,9 +251,22 @@ class StackedBackend(ModelBackend):
         for form in self.forms:
             form.after_backward()
 
+    def member_forward(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Member k's network on inputs x (B, ...) shared by all members: ``nn.Linear``'s own
+        call per layer, so no stacked copy of x is made and each output is its own run's."""
+        for name, module in self.layers:
+            if isinstance(module, nn.Flatten):
+                x = x.flatten(1)
+            elif isinstance(module, nn.Linear):
+                x = F.linear(x, self.params[f"{name}.weight"][k], self.params[f"{name}.bias"][k])
+            else:
+                x = x.relu()
+        return x
+
     def scores(self, batch: Batch, predict: bool) -> torch.Tensor:
-        outputs = self.forward(self.params, batch.x.expand(self.k, *batch.x.shape))
-        return apply_mask(outputs, self.setting.mask(batch.task, self.ctxs[0].task_index))
+        outputs = torch.stack([self.member_forward(k, batch.x) for k in range(self.k)])
+        ctx = self.ctxs[0]  # its setting: the run's, or one it is also scored in
+        return apply_mask(outputs, ctx.setting.mask(batch.task, ctx.task_index))
 
 
 class _MemberOptimizer(torch.optim.Optimizer):
@@ -249,11 +283,17 @@ class _MemberOptimizer(torch.optim.Optimizer):
         self.adam = kind == "adam"
         self.lrs = torch.tensor(lrs, dtype=torch.float64, device=params[0].device)
         self.betas, self.eps = (0.9, 0.999), 1e-8
+        self.rates: dict[tuple[torch.dtype, int], tuple[float, torch.Tensor]] = {}
 
     def _rate(self, divisor: float, like: torch.Tensor) -> torch.Tensor:
-        """-lr / divisor per member, shaped to broadcast against `like` (K, ...)."""
-        rate = (-(self.lrs / divisor)).to(like.dtype)
-        return rate.view(-1, *[1] * (like.dim() - 1))
+        """-lr / divisor per member, shaped to broadcast against `like` (K, ...); formed once
+        per divisor for all parameters of one dtype and rank."""
+        key = (like.dtype, like.dim())
+        cached = self.rates.get(key)
+        if cached is None or cached[0] != divisor:
+            rate = (-(self.lrs / divisor)).to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+            cached = self.rates[key] = (divisor, rate)
+        return cached[1]
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]

@@ -6,6 +6,7 @@ Heavy modules (torch, pandas) are imported inside the commands so that `cfbench 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shlex
@@ -17,12 +18,14 @@ from typing import Any, NoReturn
 
 from cfbench import __version__
 from cfbench.errors import CfbenchError
+from cfbench.protocol import PER_SEED, Protocol, protocol_value
 from cfbench.registry import load_plugin
 
 # Kept here, not imported from the modules that use them, so that --help stays free of torch.
 TEXT_CORPORA = ("fortunes", "bible-kjv", "python-docs", "python-code", "gcide")  # data/text.py
 FORMATS = ("text", "md", "csv", "json", "latex", "html")
 EXECUTORS = ("serial", "process", "ray")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # trackers.py
 CONVENTIONS = ("cfbench", "gem", "mammoth")
 
 EXIT_BAD_INPUT = 2
@@ -48,8 +51,8 @@ def _positive_int(text: str) -> int:
     return _integer(text, 1, "a positive integer")
 
 
-def _nonnegative_int(text: str) -> int:
-    return _integer(text, 0, "a non-negative integer")
+def _scenario_seed(text: str) -> int | str:
+    return PER_SEED if text == PER_SEED else _integer(text, 0, f"a seed >= 0 or '{PER_SEED}'")
 
 
 def _positive_float(text: str) -> float:
@@ -95,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
                         "declares it")
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="number of training seeds (0..N-1)")
-    p.add_argument("--scenario-seed", type=_nonnegative_int, default=0,
-                   help="seed of the task sequence (class order, permutations)")
+    p.add_argument("--scenario-seed", type=_scenario_seed, default=0,
+                   help="seed of the task sequence (class order, permutations), or 'seed': "
+                        "each run's training seed, so every seed has its own sequence (van de "
+                        "Ven et al.'s per-seed class order)")
     p.add_argument("--tasks", type=_positive_int, help="number of tasks (scenarios with a "
                                                         "'tasks' option)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -115,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="compile the model with torch.compile (pays off on a GPU)")
     p.add_argument("--fused-optimizer", action="store_true", default=None,
                    help="the optimizer's fused kernel (faster; rounds differently)")
+    p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
+                   help="any protocol field (repeatable), read as a sweep file's protocol: "
+                        f"{', '.join(f.name for f in dataclasses.fields(Protocol))}; e.g. "
+                        "--protocol class_scope=all --protocol reset_optimizer=false (the flags "
+                        "above are short for the common ones)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", default=None, help="directory for run records (default results/runs)")
     p.add_argument("--store", default=None, metavar="FILE",
@@ -129,8 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print one run record: R, metrics and costs")
     p.add_argument("run_id", help="run id or a unique prefix of it")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--out", default=None,
-                        help="directory of run records (default results/runs)")
+    source.add_argument("--records", "--out", dest="records", default=None, metavar="DIR",
+                        help="directory of run records (default: results/runs and every "
+                             "results/*/runs); --out is the old spelling")
     source.add_argument("--store", default=None, metavar="FILE", help="SQLite results store")
 
     p = sub.add_parser("leaderboard", help="aggregate run records over seeds into tables and "
@@ -146,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="metric convention: cfbench, or GEM's / Mammoth's to compare with "
                         "numbers they publish")
     p.add_argument("--out", default=None,
-                   help="write leaderboard.<ext> per format (and plots/) here instead of "
+                   help="write leaderboard.<ext> per format (and plots/; beside a CSV, "
+                        "leaderboard.meta.json: its caption and provenance) here instead of "
                         "printing")
     p.add_argument("--plots", action="store_true", help="also draw the figures (needs --out)")
     p.add_argument("--skip-bad", action="store_true",
@@ -203,8 +215,12 @@ def _execution_arguments(p: argparse.ArgumentParser, executor: str, *, resume: b
     p.add_argument("--workers", type=_positive_int,
                    help="runs at once (process: default one per core; ray: default as many as "
                         "the cluster's CPUs hold)")
-    p.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); "
-                                     "default: start a local Ray instance")
+    p.add_argument("--address", help="Ray cluster to join (e.g. auto, HOST:6379, "
+                                     "ray://head:10001); default: start a local Ray instance "
+                                     "(even if RAY_ADDRESS is set or `ray start` ran)")
+    p.add_argument("--ray-dashboard", action="store_true",
+                   help="start the local Ray instance with its dashboard and print its address "
+                        "(needs pip install 'ray[default]')")
     p.add_argument("--stack", "--batch-seeds", dest="stack", action="store_true",
                    help="train runs that differ only in seed, learning rate or a hyperparameter "
                         "the strategy takes per member (EWC's lam, LwF's alpha) as one stacked "
@@ -212,6 +228,14 @@ def _execution_arguments(p: argparse.ArgumentParser, executor: str, *, resume: b
                         "step; a job of K runs may take K times the timeout)")
     p.add_argument("--data-root", help="dataset directory (default $CFBENCH_DATA or a user cache)")
     p.add_argument("--quiet", action="store_true", help="no line per finished run")
+    p.add_argument("--log", action="append", default=[], choices=list(TRACKERS),
+                   help="also log each run to an experiment tracker: its config, loss curve, R "
+                        "after each task, metrics, costs and a figure (repeatable; needs pip "
+                        "install 'cfbench[TRACKER]')")
+    p.add_argument("--log-dir", metavar="DIR",
+                   help="where trackers write (default: logs/ beside the records); wandb runs "
+                        "offline unless WANDB_MODE is set, mlflow writes DIR/mlflow.db unless "
+                        "MLFLOW_TRACKING_URI is set")
     p.add_argument("--yes", action="store_true",
                    help="go ahead with a plan of very many runs (refused without it, with the "
                         "count)")
@@ -267,33 +291,46 @@ def _cmd_list(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         hps = ", ".join(f"{hp.name}: {hp.type_name} = {hp.default!r}" for hp in entry.hparams)
         print(f"{name:<22} [{entry.family}] {entry.summary}")
         print(f"{'':<22} settings: {', '.join(entry.settings)}"
-              + (f"; reference: {entry.reference}" if entry.reference else ""))
+              + (f"; reference: {entry.reference}" if entry.reference else "")
+              + f"; source: {entry.source}")
         if hps:
             print(f"{'':<22} {'hyperparameters' if args.kind == 'strategies' else 'options'}: "
                   f"{hps}")
     return 0
 
 
+PROTOCOL_FLAGS = ("epochs", "iterations", "batch_size", "optimizer", "lr", "model", "precision",
+                  "compile", "fused_optimizer")
+"""Protocol fields with a flag of their own; `--protocol KEY=VALUE` sets any field."""
+
+
 def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = ("epochs", "iterations", "batch_size", "optimizer", "lr", "model", "precision",
-              "compile", "fused_optimizer")
-    return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    """The protocol fields the flags set: the short flags, then each `--protocol KEY=VALUE`
+    (read by `protocol_value`, as a sweep file's protocol is); a field set twice is an error."""
+    out = {f: getattr(args, f) for f in PROTOCOL_FLAGS if getattr(args, f) is not None}
+    for item in args.protocol:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CfbenchError(f"bad --protocol '{item}': write KEY=VALUE, e.g. "
+                               "--protocol class_scope=all")
+        if key in out:
+            raise CfbenchError(f"protocol field '{key}' is set twice; give it once")
+        try:
+            out[key] = protocol_value(key, value)
+        except CfbenchError as exc:
+            raise CfbenchError(f"bad --protocol {item}: {exc}") from None
+    return out
 
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from cfbench import registry
+    from cfbench import api, registry
     from cfbench.data import data_root
-    from cfbench.experiment import plan_runs
-    from cfbench.formats import render
-    from cfbench.leaderboard import Provenance, summarize
-    from cfbench.records import DEFAULT_OUT
-    from cfbench.runs import PlannedRun, Sink, check_run_count, run_plan
+    from cfbench.formats import render, terminal_width
+    from cfbench.leaderboard import Provenance
 
     for path in args.plugin:
         load_plugin(path)
     entry = registry.scenarios.get(args.scenario)
-    settings = list(entry.settings) if args.setting == "all" else _csv(args.setting)
-    check_run_count(len(settings) * len(args.strategy) * args.seeds, args.yes)
     if args.tasks is not None and not any(hp.name == "tasks" for hp in entry.hparams):
         raise CfbenchError(f"--tasks does not apply to scenario '{args.scenario}'; it has a "
                            "fixed task sequence")
@@ -306,40 +343,44 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.tasks is not None:
         scenario_options["tasks"] = args.tasks
     root = data_root(args.data_root)
-    options = _options(args, argv, root, timeout=args.timeout, report=_stderr, replace=True)
-    sink = Sink(args.out or DEFAULT_OUT, args.store)  # checked before planning loads any data
-    configs = plan_runs(
-        scenario=args.scenario, settings=settings, strategies=args.strategy,
-        hparams=parse_hparams(args.hp, args.strategy), seeds=range(args.seeds),
+    records = api.run(
+        args.scenario, args.strategy, setting=args.setting, seeds=args.seeds, out=args.out,
+        store=args.store, hparams=parse_hparams(args.hp, args.strategy),
         scenario_seed=args.scenario_seed, scenario_options=scenario_options,
-        protocol_overrides=_protocol_overrides(args), device=args.device, data_root=root,
-    )
-    with sink:
-        outcome = run_plan([PlannedRun(c) for c in configs], sink, "cfbench run", options)
-    records = outcome.records()
+        device=args.device, data_root=root, plugins=args.plugin, yes=args.yes,
+        options=_options(args, argv, root, timeout=args.timeout, report=_stderr, replace=True),
+        **_protocol_overrides(args))
     if any(r.status == "ok" for r in records):
-        print(render(summarize(records), args.format, Provenance.of(records, argv)), end="")
-    return EXIT_RUN_FAILED if outcome.failed else 0
+        print(render(api.tabulate(records), args.format, Provenance.of(records, argv),
+                     width=terminal_width()), end="")
+    return EXIT_RUN_FAILED if any(r.status == "failed" for r in records) else 0
 
 
 def _options(args: argparse.Namespace, argv: Sequence[str] | None, root: Path, *,
              timeout: float | None = None, cpus: float = 1.0, gpus: float | None = None,
-             report: Callable[[str], None], replace: bool = False) -> Any:
+             report: Callable[[str], None], replace: bool = False, log: Sequence[str] = ()
+             ) -> Any:
     """The `RunOptions` the execution flags ask for, checked before planning loads any data
     (reproduce has no --resume or --plugin: it always resumes). Ray gives a run on CUDA a GPU
-    unless `gpus` says otherwise."""
+    unless `gpus` says otherwise. `log`: trackers a sweep file names, besides --log."""
     from cfbench.executors import RunSetup, make_executor
     from cfbench.experiment import resolve_device
-    from cfbench.runs import RunOptions, silent
+    from cfbench.progress import for_stderr
+    from cfbench.runs import RunOptions, check_writable
+    from cfbench.trackers import tracking
 
+    trackers = tracking([*log, *args.log], args.log_dir)  # a missing library fails here
+    if args.log_dir:
+        check_writable(Path(args.log_dir), "--log-dir", directory=True)
     gpus = float(resolve_device(args.device).startswith("cuda")) if gpus is None else gpus
     plugins = tuple(str(Path(p).resolve()) for p in getattr(args, "plugin", []))
     executor = make_executor(args.executor, RunSetup(root.resolve(), plugins, timeout),
-                             workers=args.workers, address=args.address, cpus=cpus, gpus=gpus)
+                             workers=args.workers, address=args.address, cpus=cpus, gpus=gpus,
+                             dashboard=args.ray_dashboard)
     return RunOptions(executor, resume=getattr(args, "resume", True), replace=replace,
-                      stack=args.stack, report=report,
+                      stack=args.stack, report=report, tracking=trackers,
                       command=shlex.join(["cfbench", *(sys.argv[1:] if argv is None else argv)]),
-                      progress=silent if args.quiet else _stderr)
+                      progress=for_stderr(_stderr, args.quiet))
 
 
 def _stderr(line: str) -> None:
@@ -347,15 +388,17 @@ def _stderr(line: str) -> None:
 
 
 def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from cfbench.formats import one_line
-    from cfbench.records import DEFAULT_OUT, find_record
+    from cfbench.formats import number, one_line, record_summary
+    from cfbench.records import find_record, usual_record_folders
     from cfbench.store import Store
 
+    copies = []
     if args.store:
         with Store(_existing(args.store)) as store:
             record = store.find(args.run_id)
     else:
-        record = find_record(args.run_id, Path(args.out) if args.out else DEFAULT_OUT)
+        folders = [Path(args.records)] if args.records else usual_record_folders()
+        record, copies = find_record(args.run_id, folders)
 
     def say(text: str = "") -> None:  # a record's text never steers the terminal
         print(one_line(text))
@@ -363,6 +406,9 @@ def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     c = record.config
     say(f"run {record.run_id}  status {record.status}  {record.started_at} -> "
         f"{record.finished_at}")
+    if copies:
+        also = f" (the newest; also in {', '.join(str(p.parent) for p in copies[1:])})"
+        say(f"record: {copies[0]}{also if len(copies) > 1 else ''}")
     say(f"{c['scenario']} / {c['setting']} / {c['strategy']}  seed {c['seed']}  scenario seed "
         f"{c['scenario_seed']}  device {c['device']}")
     say(f"hyperparameters: {c['hparams']}")
@@ -381,18 +427,21 @@ def _cmd_show(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         say("R (accuracy %, row t = after training task t; row 0 = before training)")
         say("      " + " ".join(f"{n:>7}" for n in names))
         for t, row in enumerate(record.R):
-            say(f"t={t:<3} " + " ".join(f"{100 * v:7.2f}" for v in row))
-    say()
-    say("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items()))
-    say("cost: " + ", ".join(f"{k}={v}" for k, v in record.cost.items()))
+            say(f"t={t:<3} " + " ".join(
+                f"{number(None if v is None else 100 * v, 'acc'):>7}" for v in row))
+    if record.status == "ok":
+        metrics, costs = record_summary(record)
+        say()
+        say(f"metrics: {metrics}")
+        say(f"cost: {costs}")
     return 0
 
 
 def _cmd_leaderboard(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from cfbench.formats import EXTENSIONS, render
-    from cfbench.leaderboard import Provenance, summarize
-    from cfbench.records import DEFAULT_OUT, read_records
-    from cfbench.store import Store
+    from cfbench import api
+    from cfbench.formats import EXTENSIONS, render, render_meta, terminal_width
+    from cfbench.leaderboard import Provenance
+    from cfbench.records import DEFAULT_OUT
 
     formats = args.format or ["text"]
     if args.plots and not args.out:
@@ -407,21 +456,14 @@ def _cmd_leaderboard(args: argparse.Namespace, argv: Sequence[str] | None) -> in
     def skipped(exc: CfbenchError) -> None:
         print(f"cfbench: warning: skipped {exc}", file=sys.stderr)
 
-    on_bad = skipped if args.skip_bad else None
-    if args.store:
-        with Store(_existing(args.store)) as store:
-            records = store.records(scenario=args.scenario, on_bad=on_bad)
-    else:
-        records = read_records(Path(args.records) if args.records else DEFAULT_OUT, on_bad)
-        if args.scenario:
-            records = [r for r in records if r.config["scenario"] == args.scenario]
-    if not any(r.status == "ok" for r in records):
-        raise CfbenchError("no successful run records to tabulate; run `cfbench run` first or "
-                           "pass --records DIR")
-    summary = summarize(records, args.convention)
+    records = api.load_records(_existing(args.store) if args.store else
+                               args.records or DEFAULT_OUT, scenario=args.scenario,
+                               on_bad=skipped if args.skip_bad else None)
+    summary = api.tabulate(records, args.convention)
     provenance = Provenance.of(records, argv)
     if not args.out:
-        print(render(summary, formats[0], provenance, args.convention), end="")
+        print(render(summary, formats[0], provenance, args.convention, width=terminal_width()),
+              end="")
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -434,6 +476,10 @@ def _cmd_leaderboard(args: argparse.Namespace, argv: Sequence[str] | None) -> in
         path = out / f"leaderboard.{EXTENSIONS[fmt]}"
         path.write_text(render(summary, fmt, provenance, args.convention, plots))
         print(f"wrote {path}")
+        if fmt == "csv":  # the CSV holds the table alone; what it means and its origin beside it
+            meta = out / "leaderboard.meta.json"
+            meta.write_text(render_meta(provenance, args.convention))
+            print(f"wrote {meta}")
     return 0
 
 
@@ -455,8 +501,9 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     root = data_root(args.data_root)
     options = _options(args, argv, root, report=_stderr)
     sink = Sink(out / "runs")  # checked before planning loads any data
-    plan = reproduce.plan(repro, data_root=root, seeds=args.seeds, rows=args.row,
-                          settings=args.setting, epochs=args.epochs, device=args.device)
+    with options.progress.loading(f"the scenarios of {repro.name} (data root {root})"):
+        plan = reproduce.plan(repro, data_root=root, seeds=args.seeds, rows=args.row,
+                              settings=args.setting, epochs=args.epochs, device=args.device)
     with sink:
         outcome = run_plan([PlannedRun(c, {"row": row.label}) for row, _, configs in plan
                             for c in configs], sink, repro.name, options)
@@ -478,22 +525,23 @@ def _sweep_setup(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[
     sweep = load_sweep(args.file)
     root = data_root(args.data_root)
     return sweep, root, _options(args, argv, root, timeout=sweep.timeout, cpus=sweep.cpus,
-                                 gpus=sweep.gpus, report=print)
+                                 gpus=sweep.gpus, report=print, log=sweep.log)
 
 
 def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from cfbench.runs import Sink, check_run_count, run_plan
+    from cfbench.runs import Sink, check_run_count, plural, run_plan
     from cfbench.sweep import dry_run_table, plan, size
 
     sweep, root, options = _sweep_setup(args, argv)
     check_run_count(size(sweep), args.yes)
     store = Path(args.store) if args.store else sweep.default_store()
     sink = Sink(args.out, store)  # checked before planning loads any data
-    runs = plan(sweep, root)
+    with options.progress.loading(f"the scenarios of {sweep.name} (data root {root})"):
+        runs = plan(sweep, root)
     with sink:
         if args.dry_run:
             print(dry_run_table(runs, sink.stored()), end="")
-            print(f"{len(runs)} runs; {sink.where}", file=sys.stderr)
+            print(f"{plural(len(runs), 'run')}; {sink.where}", file=sys.stderr)
             return 0
         outcome = run_plan(runs, sink, sweep.name, options)
     print(f"tables: cfbench leaderboard --store {store}")
@@ -546,12 +594,24 @@ COMMANDS = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show,
             "sweep": _cmd_sweep, "tune": _cmd_tune, "data": _cmd_data}
 
 
+def _warn_broken_plugins() -> None:
+    """One line per installed plugin package that failed to import, once the command is done
+    (a command that names one of its names fails instead, with one line)."""
+    from cfbench import registry
+
+    for broken in (*registry.strategies.broken, *registry.scenarios.broken):
+        print(f"cfbench: warning: skipped {broken}; fix or uninstall it, or set "
+              f"{registry.DISABLE_AUTOLOAD}=1 to skip plugin packages", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM, what a cluster scheduler sends before it kills a job, is handled as Ctrl-C is.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         args = _parser().parse_args(argv)
-        return COMMANDS[args.command](args, argv)
+        code = COMMANDS[args.command](args, argv)
+        _warn_broken_plugins()
+        return code
     except CfbenchError as exc:
         print(f"cfbench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -3,11 +3,12 @@
 The unit of work is a job (`make_jobs`): with stacking on, runs that can train as one stacked
 job (seeds and grid points, ``cfbench.batched``), else one run; `run_job`, the one caller of the
 engine, executes it.
-``executor.run(jobs, on_records)`` hands each job's records to the driver as it ends, so the
-driver alone writes the sink. A run never takes the others down: an exception or a non-finite
-loss is a failed record, a job past its timeout is stopped and a dead worker (killed, out of
-memory) replaced, each run they held recorded as failed with the reason; on KeyboardInterrupt
-the runs in flight are recorded as interrupted, workers are stopped, and it propagates.
+``executor.run(jobs, on_records, on_start)`` tells the driver when each job starts and hands it
+the job's records as it ends, so the driver alone writes the sink. A run never takes the
+others down: an exception or a non-finite loss is a failed record, a job past its timeout is
+stopped and a dead worker (killed, out of memory) replaced, each run they held recorded as
+failed with the reason; on KeyboardInterrupt the runs in flight are recorded as interrupted,
+workers are stopped, and it propagates.
 
 Workers are forked from a ``forkserver`` process that has imported torch and cfbench but run
 nothing, so no fork ever happens after torch started threads, and a worker (or its replacement
@@ -22,6 +23,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -44,6 +46,7 @@ this much later is killed by the driver."""
 OnRecords = Callable[[list[RunRecord]], None]
 Job = tuple[RunConfig, ...]
 """Configurations run together: the runs of one stacked job, or a single one."""
+OnStart = Callable[[Job], None]
 
 
 @dataclass(frozen=True)
@@ -198,9 +201,10 @@ class Executor(ABC):
         return getattr(self, "workers", None) or 1
 
     @abstractmethod
-    def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
-        """Execute every job, handing over its records as it ends; on KeyboardInterrupt hand
-        over the runs in flight as interrupted and re-raise it."""
+    def run(self, jobs: Sequence[Job], on_records: OnRecords, on_start: OnStart) -> None:
+        """Execute every job, calling `on_start` as it is handed to a worker and handing over
+        its records as it ends; on KeyboardInterrupt hand over the runs in flight as
+        interrupted and re-raise it."""
 
 
 def _unfinished(job: Job, status: str, reason: str, started_at: str = "") -> list[RunRecord]:
@@ -221,9 +225,10 @@ class SerialExecutor(Executor):
 
     setup: RunSetup
 
-    def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
+    def run(self, jobs: Sequence[Job], on_records: OnRecords, on_start: OnStart) -> None:
         for job in jobs:
             started = _now()
+            on_start(job)
             try:
                 records = run_job(job, self.setup)
             except KeyboardInterrupt:
@@ -317,7 +322,7 @@ class ProcessExecutor(Executor):
         there.close()
         return _Worker(process, here)
 
-    def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
+    def run(self, jobs: Sequence[Job], on_records: OnRecords, on_start: OnStart) -> None:
         todo = deque(jobs)
         size = min(self.workers, len(todo))
         if not size:
@@ -333,6 +338,7 @@ class ProcessExecutor(Executor):
                         worker.job, worker.started_at = todo.popleft(), _now()
                         worker.started = time.monotonic()
                         worker.conn.send(worker.job)
+                        on_start(worker.job)
                 busy = [w for w in pool if w.job is not None]
                 if not busy:
                     return
@@ -398,11 +404,25 @@ def _import_ray() -> Any:
 
 
 def _ray_task(job: Job, setup: RunSetup, threads: int) -> list[RunRecord]:
+    import ray
     import torch
 
     torch.set_num_threads(threads)
     _warm_up()  # once per Ray worker process: its parts are cached
-    return run_job(job, setup)
+    records = run_job(job, setup)
+    node = ray.get_runtime_context().get_node_id()
+    for record in records:
+        record.env["ray_node"] = node  # which node of the cluster ran it
+    return records
+
+
+def _check_dashboard() -> None:
+    """Ray's dashboard needs packages minimal Ray lacks: say so before anything runs."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401  (what Ray checks before starting it)
+    except ImportError as exc:
+        raise CfbenchError(f"--ray-dashboard needs Ray's dashboard packages ({exc}): pip "
+                           "install 'ray[default]'") from None
 
 
 @dataclass
@@ -410,27 +430,41 @@ class RayExecutor(Executor):
     """Each job a Ray task requesting `cpus` CPUs and `gpus` GPUs (a fraction lets several
     small runs share one GPU). At most `workers` tasks are submitted at once (default: as many
     as the cluster's CPUs hold), so those in flight are those running; records stream back to
-    the driver as tasks finish. Connects to `address` (e.g. ``auto`` or ``ray://head:10001``),
-    starts a local Ray instance when none is given, or uses the one already initialised."""
+    the driver as tasks finish. Connects to `address` (e.g. ``auto``, ``HOST:PORT`` or
+    ``ray://head:10001``), or starts a local Ray instance (with its dashboard if `dashboard`)
+    when none is given, never joining whatever RAY_ADDRESS or ``ray start`` left around; uses
+    the instance already initialised in this process if there is one."""
 
     setup: RunSetup
     address: str | None = None
     cpus: float = 1.0
     gpus: float = 0.0
     workers: int | None = None
+    dashboard: bool = False
 
-    def run(self, jobs: Sequence[Job], on_records: OnRecords) -> None:
+    def _init(self, ray: Any) -> None:
+        """Start or join Ray without its start-up lines (its informational log, its workers'
+        output, the notice that it enabled token authentication); its warnings and errors
+        still show, and a run's own failure is in its record."""
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        try:
+            context = ray.init(address=self.address or "local",
+                               include_dashboard=self.dashboard, logging_level=logging.WARNING,
+                               log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f" at {self.address}" if self.address else ""
+            raise CfbenchError(f"cannot start or reach Ray{where}: {exc}") from None
+        if self.dashboard:
+            print(f"cfbench: Ray dashboard at http://{context.dashboard_url}", file=sys.stderr,
+                  flush=True)
+
+    def run(self, jobs: Sequence[Job], on_records: OnRecords, on_start: OnStart) -> None:
         if not jobs:
             return
         ray = _import_ray()
         started_here = not ray.is_initialized()
         if started_here:
-            try:
-                ray.init(address=self.address, include_dashboard=False,
-                         logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = f" at {self.address}" if self.address else ""
-                raise CfbenchError(f"cannot start or reach Ray{where}: {exc}") from None
+            self._init(ray)
         todo = deque(jobs)
         pending: dict[Any, tuple[Job, str, float]] = {}  # job, started at, when to cancel it
         try:
@@ -443,6 +477,7 @@ class RayExecutor(Executor):
                     job = todo.popleft()
                     pending[task.remote(job, self.setup, threads)] = (
                         job, _now(), self.setup.kill_at(job, time.monotonic()))
+                    on_start(job)
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=_wait_until(
                     min(t for _, _, t in pending.values())))
                 for ref in ready:
@@ -472,11 +507,14 @@ class RayExecutor(Executor):
 
 
 def make_executor(name: str, setup: RunSetup, *, workers: int | None = None,
-                  address: str | None = None, cpus: float = 1.0, gpus: float = 0.0
-                  ) -> Executor:
+                  address: str | None = None, cpus: float = 1.0, gpus: float = 0.0,
+                  dashboard: bool = False) -> Executor:
     """The executor called `name` (serial, process or ray)."""
     if address is not None and name != "ray":
         raise CfbenchError("--address names a Ray cluster: use it with --executor ray")
+    if dashboard and (name != "ray" or address is not None):
+        raise CfbenchError("--ray-dashboard starts the dashboard of the local Ray instance: use "
+                           "it with --executor ray and without --address (a cluster has its own)")
     if name == "serial":
         if workers is not None:
             raise CfbenchError("--workers applies to the process and ray executors")
@@ -485,5 +523,7 @@ def make_executor(name: str, setup: RunSetup, *, workers: int | None = None,
         return ProcessExecutor(setup) if workers is None else ProcessExecutor(setup, workers)
     if name == "ray":
         _import_ray()  # not installed: say so before anything runs
-        return RayExecutor(setup, address, cpus, gpus, workers)
+        if dashboard:
+            _check_dashboard()
+        return RayExecutor(setup, address, cpus, gpus, workers, dashboard)
     raise CfbenchError(f"unknown executor '{name}'; choose one of serial, process, ray")

@@ -23,9 +23,10 @@ import torch
 from cfbench import metrics, registry
 from cfbench.cost import Stopwatch, peak_gpu_bytes, peak_rss_bytes, reset_peak_memory
 from cfbench.errors import CfbenchError
-from cfbench.models import build_model
+from cfbench.models import build_model, initialise
+from cfbench.protocol import scenario_seed_of
 from cfbench.records import RunConfig, RunRecord, environment
-from cfbench.scenario import Scenario, Setting
+from cfbench.scenario import Classification, Scenario, Setting, train_subset
 from cfbench.strategy import (
     Strategy,
     TrainContext,
@@ -69,14 +70,17 @@ def _load_scenario(name: str, options: tuple, seed: int, data_root: Path, device
 
 def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[str],
               hparams: Mapping[str, Mapping[str, Any]], seeds: Sequence[int],
-              scenario_seed: int = 0, scenario_options: Mapping[str, Any] | None = None,
+              scenario_seed: int | str = 0, scenario_options: Mapping[str, Any] | None = None,
               protocol_overrides: Mapping[str, Any] | None = None, device: str = "cpu",
               data_root: Path) -> list[RunConfig]:
-    """Every run of the grid settings x strategies x seeds, fully resolved and validated."""
+    """Every run of the grid settings x strategies x seeds, fully resolved and validated.
+    `scenario_seed` ``"seed"`` (`PER_SEED`) gives each run its training seed's task sequence;
+    the first one is loaded to check (the others differ only in their draws)."""
     entry = registry.scenarios.get(scenario)
     options = entry.resolve(scenario_options or {})
     device = resolve_device(device)
-    built = load_scenario(scenario, options, scenario_seed, data_root, device)
+    built = load_scenario(scenario, options, scenario_seed_of(scenario_seed, seeds[0]),
+                          data_root, device)
     for setting in settings:
         Setting(built, setting)  # an unknown setting fails here, naming the valid ones
     changes = dict(protocol_overrides or {})
@@ -90,6 +94,16 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
     except TypeError as exc:
         raise CfbenchError(f"bad protocol override: {exc}") from None
     build_model(protocol.model, built.input_shape, 1)  # a bad --model fails before any run
+    if not protocol.normalize and not isinstance(built.objective, Classification):
+        raise CfbenchError(f"normalize=false leaves image pixels unnormalised; scenario "
+                           f"'{scenario}' has no images (its inputs are token ids)")
+    for setting in settings:
+        for other in set(protocol.also_evaluate) - {setting}:
+            Setting(built, other)  # one the scenario lacks fails here, naming the valid ones
+            if {setting, other} != {"task", "class"}:
+                raise CfbenchError(f"also_evaluate: a {setting}-setting model cannot be scored "
+                                   f"in the {other} setting (only the task and class settings "
+                                   "share their output units)")
     if (protocol.precision == "bf16" and device.startswith("cuda")
             and not torch.cuda.is_bf16_supported()):
         raise CfbenchError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; "
@@ -111,8 +125,12 @@ def plan_runs(*, scenario: str, settings: Sequence[str], strategies: Sequence[st
             if not protocol.reset_optimizer and overrides(built_strategy, "param_groups"):
                 raise CfbenchError(f"strategy '{strategy}' sets its own parameter groups for "
                                    "each task, which needs reset_optimizer=True")
-            configs += [RunConfig(scenario, setting, strategy, resolved, options, scenario_seed,
-                                  seed, protocol, device) for seed in seeds]
+            # The run's own setting is R itself: left out, so the run keeps its plain id.
+            scored = dataclasses.replace(protocol, also_evaluate=tuple(
+                s for s in protocol.also_evaluate if s != setting))
+            configs += [RunConfig(scenario, setting, strategy, resolved, options,
+                                  scenario_seed_of(scenario_seed, seed), seed, scored, device)
+                        for seed in seeds]
     return configs
 
 
@@ -133,9 +151,15 @@ def utc_now() -> str:
 
 
 def new_record(config: RunConfig) -> RunRecord:
-    """The record of a run about to start."""
+    """The record of a run about to start: where it runs, and where its strategies and its
+    scenario come from (built-in, a package, a plugin file: not in the config, since the same
+    code from another place is the same run)."""
+    env = environment(config.device)
+    env["strategy_sources"] = {name: registry.strategies.get(name).source
+                               for name in strategy_names(config.strategy)}
+    env["scenario_source"] = registry.scenarios.get(config.scenario).source
     return RunRecord(run_id=config.run_id, config=config.to_dict(), started_at=utc_now(),
-                     env=environment(config.device))
+                     env=env)
 
 
 def execute(config: RunConfig, data_root: Path,
@@ -174,6 +198,7 @@ def fill(records: Sequence[RunRecord], configs: Sequence[RunConfig], data_root: 
     tasks = scenario.tasks
     for record in records:
         record.tasks = task_summaries(scenario)
+        record.curves = {"train_loss": [[] for _ in tasks]}
     ctxs, strategies = [], []
     for c in configs:
         model = initial_model(c, scenario, setting, device)
@@ -214,8 +239,9 @@ def fill(records: Sequence[RunRecord], configs: Sequence[RunConfig], data_root: 
         with train_clock:
             costs.append(run_task(job, tasks[t]))
         evaluate()
-        for record in records:
+        for record, losses in zip(records, costs[-1].losses, strict=True):
             record.tasks[t]["steps"] = costs[-1].steps
+            record.curves["train_loss"][t] = list(losses)
             if on_task:
                 on_task(t + 1, len(tasks))
     job.sync()
@@ -261,6 +287,8 @@ def training_scenario(config: RunConfig, data_root: Path) -> tuple[Scenario, Set
                              data_root, config.device)
     if config.validation is not None:
         scenario = validation_split(scenario, **config.validation)
+    if config.protocol.train_per_task is not None:
+        scenario = train_subset(scenario, config.protocol.train_per_task, config.scenario_seed)
     scenario = dataclasses.replace(scenario, protocol=config.protocol)
     return scenario, Setting(scenario, config.setting)
 
@@ -273,9 +301,11 @@ def task_summaries(scenario: Scenario) -> list[dict[str, Any]]:
 
 def initial_model(config: RunConfig, scenario: Scenario, setting: Setting,
                    device: torch.device) -> torch.nn.Module:
-    """The backbone as initialised by the run's seed (the same for every strategy)."""
+    """The backbone as initialised by the run's seed and the protocol's `init` (the same for
+    every strategy)."""
     torch.manual_seed(config.seed)
-    return build_model(config.protocol.model, scenario.input_shape, setting.n_outputs).to(device)
+    model = build_model(config.protocol.model, scenario.input_shape, setting.n_outputs)
+    return initialise(model, config.protocol.init).to(device)
 
 
 def source_state(config: RunConfig, scenario: Scenario, setting: Setting, data_root: Path

@@ -17,14 +17,28 @@ import html
 import io
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+import shutil
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from cfbench.leaderboard import COLUMNS, Provenance, caption
+from cfbench.leaderboard import (
+    COLUMNS,
+    COSTS,
+    LEGEND,
+    LOWER_IS_BETTER,
+    MEAN_CI,
+    Provenance,
+    caption,
+    conventions,
+    records_frame,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from cfbench.plots import Figure
+    from cfbench.records import RunRecord
 
 FORMATS = ("text", "md", "csv", "json", "latex", "html")
 EXTENSIONS = {"text": "txt", "md": "md", "csv": "csv", "json": "json", "latex": "tex",
@@ -63,31 +77,63 @@ def _shown(summary: pd.DataFrame) -> list[str]:
     return [c for c in SHOWN if summary[c].notna().any()]
 
 
+def number(value: float | None, column: str) -> str:
+    """`value` as the tables print `column` (its decimals); undefined is an em dash."""
+    if value is None or value != value:
+        return "—"
+    return f"{value:.{COLUMNS[column][2]}f}"
+
+
 def cell(row: Mapping, column: str) -> str:
     """The mean ± its CI half-width (the mean alone with one seed); undefined is an em dash."""
     mean, ci = row[column], row[f"{column} ci"]
-    digits = COLUMNS[column][2]
-    if mean != mean:
-        return "—"
-    if ci == ci:
-        return f"{mean:.{digits}f} ± {ci:.{digits}f}"
-    return f"{mean:.{digits}f}"
+    if mean == mean and ci == ci:
+        return f"{number(mean, column)} ± {number(ci, column)}"
+    return number(mean, column)
+
+
+_COSTS = ("train_seconds", "peak_rss_mb", "peak_gpu_mb", "train_gflops", "state_mb")
+
+
+def record_summary(record: RunRecord) -> tuple[str, str]:
+    """A successful run's metrics and costs, each named, scaled and rounded as the tables
+    show it, plus what only a record holds (evaluation seconds, optimizer steps, the RMS
+    change of the parameters): ``("ACC 60.0%, BWT -49.6%, ...", "train s 9.8, ...")``."""
+    row = records_frame([record]).iloc[0]
+    shown = [c for c in SHOWN if row[c] == row[c]]
+    unit = {"%": "%", "nats": " nats"}
+    metrics = [f"{COLUMNS[c][0]} {number(row[c], c)}{unit.get(COLUMNS[c][1], '')}"
+               for c in shown if c not in _COSTS]
+    metrics.append(f"drift {record.metrics.get('drift', float('nan')):.4g}")
+    costs = [f"{COLUMNS[c][0]} {number(row[c], c)}" for c in shown if c in _COSTS]
+    costs += [f"eval s {number(record.cost.get('eval_seconds'), 'train_seconds')}",
+              f"steps {record.cost.get('steps', '—')}"]
+    return ", ".join(metrics), ", ".join(costs)
 
 
 def labels(summary: pd.DataFrame) -> list[str]:
-    """Strategy names, with what tells one strategy's rows in a table apart: all its
-    hyperparameters where they differ, and the protocol fields that differ."""
+    """Strategy names, with what tells one strategy's rows in a table apart: the
+    hyperparameters and the protocol fields whose values differ among them (``ewc (lam=10)``;
+    a part of a composition names its owner, ``ewc+replay (ewc.lam=10)``)."""
     out: dict[object, str] = {}
     for _, rows in summary.groupby(["scenario", "setting", "strategy"]):
+        hparams = [{(owner, k): v for owner, part in json.loads(h).items()
+                    for k, v in part.items()} for h in rows["hparams"]]
         protocols = [json.loads(p) for p in rows["protocol"]]
-        differ = sorted(k for k in set().union(*protocols)
-                        if len({json.dumps(p.get(k)) for p in protocols}) > 1)
-        for (i, row), protocol in zip(rows.iterrows(), protocols, strict=True):
-            parts = [f"{k}={v}" for part in json.loads(row["hparams"]).values()
-                     for k, v in part.items()] if rows["hparams"].nunique() > 1 else []
-            parts += [f"{k}={protocol.get(k)}" for k in differ]
-            out[i] = row["strategy"] + (f" ({', '.join(parts)})" if parts else "")
+        differ_h, differ_p = _differing(hparams), _differing(protocols)
+        for i, strategy, own, protocol in zip(rows.index, rows["strategy"], hparams, protocols,
+                                              strict=True):
+            parts = [f"{k if '+' not in strategy else f'{owner}.{k}'}={own.get((owner, k))}"
+                     for owner, k in differ_h]
+            parts += [f"{k}={protocol.get(k)}" for k in differ_p]
+            out[i] = strategy + (f" ({', '.join(parts)})" if parts else "")
     return [out[i] for i in summary.index]
+
+
+def _differing(values: Sequence[Mapping]) -> list:
+    """The keys, sorted, whose value is not the same in every mapping (missing = None)."""
+    return sorted(k for k in set().union(*values)
+                  if len({json.dumps(v.get(k)) for v in values}) > 1)
 
 
 def blocks(summary: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
@@ -105,23 +151,72 @@ def _row(row: Mapping, columns: Sequence[str]) -> list[str]:
     return [row["label"], *(cell(row, c) for c in columns), str(row["seeds"]), row["rank"]]
 
 
-def render_text(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
-    from rich.console import Console
+FILE_WIDTH = 200
+"""Characters per line of the text format where no terminal sets the width (a file, a pipe)."""
+
+
+def terminal_width() -> int:
+    """The width to print the text format at: $COLUMNS, else the terminal's, else FILE_WIDTH."""
+    return shutil.get_terminal_size((FILE_WIDTH, 24)).columns
+
+
+def _fold(columns: Sequence[str], fits: Callable[[list[str], int], bool]) -> list[list[str]]:
+    """`columns` as one table if it fits, else in consecutive parts, each holding what
+    `fits(part, index)` allows (one column at least); costs begin a part of their own."""
+    if fits(list(columns), 0):
+        return [list(columns)]
+    parts: list[list[str]] = []
+    for group in ([c for c in columns if c not in COSTS], [c for c in columns if c in COSTS]):
+        part: list[str] = []
+        for column in group:
+            if part and not fits([*part, column], len(parts)):
+                parts.append(part)
+                part = []
+            part.append(column)
+        if part:
+            parts.append(part)
+    return parts
+
+
+def _text_tables(title: str, block: pd.DataFrame, columns: Sequence[str], console) -> list:
+    """One block as rich tables no wider than `console`: the strategy, `columns`, seeds and
+    rank in one table if it fits, else the columns that do not fit in further tables."""
+    from rich.measure import Measurement
     from rich.table import Table
+
+    def table(part: list[str], index: int) -> Table:
+        end = None if index == 0 else -2  # seeds and rank in the first table only
+        more = "" if index == 0 else " (costs)" if set(part) <= set(COSTS) else " (more)"
+        out = Table(title=one_line(title + more), title_justify="left")
+        for i, name in enumerate(_header(part)[:end]):
+            out.add_column(name, justify="left" if i == 0 else "right")
+        for _, row in block.iterrows():
+            out.add_row(*map(one_line, _row(row, part)[:end]))
+        return out
+
+    unbounded = console.options.update_width(10**6)  # measure the width a table wants
+
+    def fits(part: list[str], index: int) -> bool:
+        return Measurement.get(console, unbounded, table(part, index)).maximum <= console.width
+
+    return [table(part, index) for index, part in enumerate(_fold(columns, fits))]
+
+
+def render_text(summary: pd.DataFrame, provenance: Provenance, convention: str,
+                width: int = FILE_WIDTH) -> str:
+    """A table per scenario and setting, at most `width` characters wide (columns that do not
+    fit go to further tables, the costs first)."""
+    from rich.console import Console
 
     buffer = io.StringIO()
     # No markup, emoji codes or highlighting: a name like "[/]" or ":x:" is printed as it is.
-    console = Console(file=buffer, width=200, color_system=None, markup=False, emoji=False,
+    console = Console(file=buffer, width=width, color_system=None, markup=False, emoji=False,
                       highlight=False)
     columns = _shown(summary)
     for scenario, setting, block in blocks(summary):
-        table = Table(title=one_line(f"{scenario} — {setting} setting"), title_justify="left")
-        for i, name in enumerate(_header(columns)):
-            table.add_column(name, justify="left" if i == 0 else "right")
-        for _, row in block.iterrows():
-            table.add_row(*map(one_line, _row(row, columns)))
-        console.print(table)
-    console.print(caption(convention), soft_wrap=True)
+        for table in _text_tables(f"{scenario} — {setting} setting", block, columns, console):
+            console.print(table)
+    console.print(caption(convention))
     for line in provenance.lines():
         console.print(one_line(line), soft_wrap=True)
     return buffer.getvalue()
@@ -160,16 +255,26 @@ def _csv_cell(value: object) -> object:
 
 
 def render_csv(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
-    comments = "".join(f"# {one_line(line)}\n"
-                       for line in [*provenance.lines(), caption(convention)])
+    """The header and one row per configuration, nothing else, so that any CSV reader opens it
+    with no options; the caption and provenance go beside it (`render_meta`)."""
     text = {c: summary[c].map(_csv_cell) for c in summary if summary[c].dtype.kind not in "biufc"}
-    return comments + summary.assign(**text).to_csv(index=False)
+    return summary.assign(**text).to_csv(index=False)
+
+
+def metadata(provenance: Provenance, convention: str) -> dict[str, Any]:
+    """What a table's numbers mean and where they came from: the head of the JSON format, and
+    all of leaderboard.meta.json, the sidecar of a CSV."""
+    return {"convention": convention, "caption": caption(convention),
+            "provenance": provenance.to_dict()}
+
+
+def render_meta(provenance: Provenance, convention: str) -> str:
+    return json.dumps(metadata(provenance, convention), indent=1, allow_nan=False) + "\n"
 
 
 def render_json(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
     rows = json.loads(summary.to_json(orient="records"))
-    return json.dumps({"convention": convention, "caption": caption(convention),
-                       "provenance": provenance.to_dict(), "rows": rows}, indent=1,
+    return json.dumps({**metadata(provenance, convention), "rows": rows}, indent=1,
                       allow_nan=False) + "\n"
 
 
@@ -207,96 +312,153 @@ def render_latex(summary: pd.DataFrame, provenance: Provenance, convention: str)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;
-max-width:1200px;color:#1d1d1f;padding:0 1rem}
+max-width:1200px;color:#1d1d1f;padding:0 1rem;overflow-wrap:break-word}
 h1{font-size:1.6rem}h2{font-size:1.3rem;margin-top:2.5rem;border-bottom:1px solid #ddd}
 h3{font-size:1.05rem;margin-top:1.5rem}
-table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
-th,td{padding:.3rem .6rem;text-align:right;border-bottom:1px solid #eee;white-space:nowrap}
-th:first-child,td:first-child{text-align:left}
-th{cursor:pointer;background:#f5f5f7;user-select:none}th:hover{background:#e8e8ed}
-th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{content:" ▼"}
-tr.best td{font-weight:600}tr.tied td{font-style:italic}
+nav ul{padding-left:1.2rem}
+dl.legend{display:grid;grid-template-columns:max-content 1fr;gap:.15rem 1rem;font-size:.9rem}
+dl.legend dt{font-weight:600}dl.legend dd{margin:0}
+.scroll{overflow-x:auto;max-width:100%;margin:.5rem 0 1rem}
+.scroll:focus-visible{outline:2px solid #0a58ca}
+table{border-collapse:separate;border-spacing:0;font-size:.9rem}
+th,td{padding:.3rem .6rem;text-align:right;border-bottom:1px solid #eee;white-space:nowrap;
+background:#fff}
+thead th{background:#f5f5f7}thead th:hover{background:#e8e8ed}tbody th{font-weight:normal}
+th:first-child,td:first-child{position:sticky;left:0;z-index:1;text-align:left;
+white-space:normal;min-width:9rem;box-shadow:inset -1px 0 #ddd}
+th button{font:inherit;font-weight:600;color:inherit;background:none;border:0;padding:0;
+cursor:pointer}
+th button:focus-visible{outline:2px solid #0a58ca;outline-offset:2px}
+th[aria-sort=ascending] button::after{content:" ▲"}
+th[aria-sort=descending] button::after{content:" ▼"}
+tr.best>*{font-weight:600}tr.tied>*{font-style:italic}
 .caption,.prov{font-size:.85rem;color:#555;max-width:900px}
-nav a{margin-right:1rem}
 figure{margin:1rem 1rem 1rem 0;display:inline-block;vertical-align:top;max-width:100%}
-figure img{max-width:100%;border:1px solid #eee}
-figcaption{font-size:.85rem;color:#555}
+figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.85rem;color:#555;max-width:60rem}
 """
 
-# Sorts a table by the clicked column, numerically by each cell's data-v, toggling direction.
+# Sorts a board by a header's button, numerically by each cell's data-v: the first press puts
+# the best first (the header's data-first order), the next reverses it; empty cells stay last.
 _JS = """
 document.querySelectorAll('table.board').forEach(function (table) {
-  table.querySelectorAll('th').forEach(function (th, col) {
-    th.addEventListener('click', function () {
-      var asc = th.getAttribute('aria-sort') !== 'ascending';
-      table.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
-      th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+  var headers = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  headers.forEach(function (th, col) {
+    th.querySelector('button').addEventListener('click', function () {
+      var now = th.getAttribute('aria-sort');
+      var order = now === 'descending' ? 'ascending'
+        : now === 'ascending' ? 'descending' : th.dataset.first;
+      headers.forEach(function (h) { h.removeAttribute('aria-sort'); });
+      th.setAttribute('aria-sort', order);
+      var sign = order === 'ascending' ? 1 : -1;
       var body = table.tBodies[0];
       var rows = Array.prototype.slice.call(body.rows);
       rows.sort(function (a, b) {
         var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
-        var nx = parseFloat(x), ny = parseFloat(y);
-        var c = (isNaN(nx) || isNaN(ny)) ? String(x).localeCompare(String(y)) : nx - ny;
-        return asc ? c : -c;
+        if (x === '' || y === '') { return (x === '') - (y === ''); }
+        var nx = Number(x), ny = Number(y);
+        return sign * ((isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny);
       });
       rows.forEach(function (r) { body.appendChild(r); });
     });
   });
 });
 """
+_RANK_ORDER = {"best": 0, "tied": 1, "": 2}
+_FIGURE_SCALE = 0.8
+"""CSS pixels per PNG pixel (the PNG header's width and height): every figure's text comes out
+the same size on the page, whichever figure is wider."""
 
 
-def _sort_value(row: Mapping, column: str) -> str:
-    value = row[column]
-    return "" if value != value else repr(float(value))
+def _sort_value(value: float) -> str:
+    """A cell's sort key as JavaScript's Number reads it ('Infinity' for a diverged run)."""
+    return "" if value != value else json.dumps(float(value))
+
+
+def _html_header(columns: Sequence[str]) -> str:
+    """A header row of buttons; `data-first` is the order that puts the best first."""
+    first = {"strategy": "ascending", "seeds": "descending", "rank": "ascending",
+             **{c: "ascending" if c in LOWER_IS_BETTER else "descending" for c in columns}}
+    cells = []
+    for key, name in zip(["strategy", *columns, "seeds", "rank"], _header(columns), strict=True):
+        sort = " aria-sort='descending'" if key == "acc" else ""  # blocks() sorts by ACC
+        cells.append(f"<th scope='col' data-first='{first[key]}'{sort}><button type='button'>"
+                     f"{html.escape(name)}</button></th>")
+    return "<thead><tr>" + "".join(cells) + "</tr></thead>"
+
+
+def _html_legend(columns: Sequence[str]) -> str:
+    """What each shown column means, and which way is better."""
+    items = [(COLUMNS[c][0], f"{LEGEND[c]}; {'lower' if c in LOWER_IS_BETTER else 'higher'} "
+              "is better") for c in columns]
+    items += [("seeds", "runs averaged, one per seed"),
+              ("rank", "best: highest mean ACC of its table; tied: not distinguishable from the "
+                       "best (see below)")]
+    return "<dl class='legend'>" + "".join(f"<dt>{html.escape(term)}</dt><dd>"
+                                           f"{html.escape(text)}</dd>"
+                                           for term, text in items) + "</dl>"
 
 
 def render_html(summary: pd.DataFrame, provenance: Provenance, convention: str,
-                plots: Mapping[tuple[str, str], Sequence[Path]] | None = None) -> str:
-    """One page: a section per scenario, a sortable table per setting, its plots inline."""
+                plots: Mapping[tuple[str, str], Sequence[Figure]] | None = None) -> str:
+    """One page: links to every table, the metrics' legend, then a section per scenario with a
+    sortable table per setting (scrolling sideways on its own) and its figures."""
     columns = _shown(summary)
 
     def esc(text: str) -> str:
         return html.escape(one_line(text))
 
     by_scenario: dict[str, list[str]] = {}
+    links: dict[str, list[str]] = {}
     for scenario, setting, block in blocks(summary):
-        parts = [f"<h3>{esc(setting)} setting</h3>", "<table class='board'><thead><tr>"]
-        parts += [f"<th>{esc(h)}</th>" for h in _header(columns)]
-        parts.append("</tr></thead><tbody>")
+        anchor = "t-" + file_stem(scenario, setting)  # letters, digits and ._+- only
+        links.setdefault(scenario, []).append(f"<a href='#{anchor}'>{esc(setting)} setting</a>")
+        parts = [f"<h3 id='{anchor}'>{esc(setting)} setting</h3>",
+                 f"<div class='scroll' role='region' tabindex='0' aria-labelledby='{anchor}'>"
+                 f"<table class='board'>{_html_header(columns)}<tbody>"]
         for _, row in block.iterrows():
-            cells = [f"<td data-v='{esc(row['label'])}'>{esc(row['label'])}</td>"]
-            cells += [f"<td data-v='{_sort_value(row, c)}'>{esc(cell(row, c))}</td>"
+            cells = [f"<th scope='row' data-v='{esc(row['label'])}'>{esc(row['label'])}</th>"]
+            cells += [f"<td data-v='{_sort_value(row[c])}'>{esc(cell(row, c))}</td>"
                       for c in columns]
             cells += [f"<td data-v='{row['seeds']}'>{row['seeds']}</td>",
-                      f"<td data-v='{esc(row['rank'])}'>{esc(row['rank'])}</td>"]
+                      f"<td data-v='{_RANK_ORDER[row['rank']]}'>{esc(row['rank'])}</td>"]
             parts.append(f"<tr class='{esc(row['rank'])}'>" + "".join(cells) + "</tr>")
-        parts.append("</tbody></table>")
-        for path in (plots or {}).get((scenario, setting), []):
-            data = base64.b64encode(Path(path).read_bytes()).decode()
-            parts.append(f"<figure><img alt='{esc(Path(path).stem)}' "
-                         f"src='data:image/png;base64,{data}'><figcaption>"
-                         f"{esc(Path(path).stem)}</figcaption></figure>")
+        parts.append("</tbody></table></div>")
+        for figure in (plots or {}).get((scenario, setting), []):
+            png = figure.png.read_bytes()
+            width, height = (round(_FIGURE_SCALE * n) for n in struct.unpack(">II", png[16:24]))
+            parts.append(f"<figure><img alt='{esc(figure.title)}' width='{width}' "
+                         f"height='{height}' src='data:image/png;base64,"
+                         f"{base64.b64encode(png).decode()}'><figcaption><b>"
+                         f"{esc(figure.title)}.</b> {esc(figure.caption)}</figcaption></figure>")
         by_scenario.setdefault(scenario, []).extend(parts)
-    nav = " ".join(f"<a href='#{esc(s)}'>{esc(s)}</a>" for s in by_scenario)
-    sections = "".join(f"<section id='{esc(s)}'><h2>{esc(s)}</h2>{''.join(p)}</section>"
+    nav = "".join(f"<li><a href='#s-{file_stem(s)}'>{esc(s)}</a> — {' · '.join(links[s])}</li>"
+                  for s in by_scenario)
+    sections = "".join(f"<section id='s-{file_stem(s)}'><h2>{esc(s)}</h2>{''.join(p)}</section>"
                        for s, p in by_scenario.items())
     prov = "".join(f"<li>{esc(line)}</li>" for line in provenance.lines())
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>cfbench leaderboard</title><style>{_CSS}</style></head><body>"
-            f"<h1>cfbench leaderboard</h1><nav>{nav}</nav>{sections}"
-            f"<p class='caption'>{esc(caption(convention))} Click a column header to sort.</p>"
-            f"<ul class='prov'>{prov}</ul><script>{_JS}</script></body></html>\n")
+            f"<h1>cfbench leaderboard</h1><nav aria-label='tables'><ul>{nav}</ul></nav>"
+            f"<section id='legend'><h2>Reading the tables</h2>{_html_legend(columns)}"
+            f"<p class='caption'>{MEAN_CI} Accuracies in %. {esc(conventions(convention))} A "
+            "click on a column header (or Enter on it) sorts the table best first; another "
+            "reverses it.</p></section>"
+            f"{sections}<h2>Provenance</h2><ul class='prov'>{prov}</ul>"
+            f"<script>{_JS}</script></body></html>\n")
 
 
-RENDERERS = {"text": render_text, "md": render_md, "csv": render_csv, "json": render_json,
-             "latex": render_latex}
+RENDERERS = {"md": render_md, "csv": render_csv, "json": render_json, "latex": render_latex}
 
 
 def render(summary: pd.DataFrame, fmt: str, provenance: Provenance, convention: str = "cfbench",
-           plots: Mapping[tuple[str, str], Sequence[Path]] | None = None) -> str:
+           plots: Mapping[tuple[str, str], Sequence[Figure]] | None = None,
+           width: int = FILE_WIDTH) -> str:
+    """`summary` in format `fmt`; `width` is the text format's (`terminal_width()` to print)."""
     if fmt == "html":
         return render_html(summary, provenance, convention, plots)
+    if fmt == "text":
+        return render_text(summary, provenance, convention, width)
     return RENDERERS[fmt](summary, provenance, convention)
 

@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from cfbench import metrics
+from cfbench.protocol import Protocol
 from cfbench.records import RunRecord
-from cfbench.scenario import Protocol
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,19 +44,58 @@ COLUMNS: dict[str, tuple[str, str, int]] = {
     "peak_gpu_mb": ("peak GPU MB", "MB", 0), "train_gflops": ("GFLOPs", "GFLOP", 1),
     "state_mb": ("state MB", "MB", 2),
 }
+COSTS = ("train_seconds", "peak_rss_mb", "peak_gpu_mb", "train_gflops", "state_mb")
+"""The columns of COLUMNS that measure what a run cost rather than what it learned."""
+LOWER_IS_BETTER = frozenset({
+    "fm", "source_ppl_before", "source_ppl_after", "source_logppl_increase",
+    "target_ppl_before", "target_ppl_after", *COSTS})
+"""Forgetting, perplexities and costs; every other column of COLUMNS is better higher."""
+LEGEND: dict[str, str] = {
+    "acc": "final accuracy: the mean over all tasks after training on the last one",
+    "bwt": "backward transfer: how much later tasks changed each old task's accuracy since it "
+           "was learned (negative: forgotten)",
+    "fwt": "forward transfer: accuracy on a task before training on it, minus the untrained "
+           "model's",
+    "fm": "forgetting: each old task's drop from its best accuracy to its final one",
+    "rem": "remembering: % of each old task's accuracy (right after learning it) kept at the end",
+    "rem_source": "transfer scenarios: % of the pretrained source's accuracy kept at the end",
+    "acc_target": "transfer scenarios: final accuracy on the downstream tasks",
+    "la": "learning accuracy (plasticity): each task's accuracy right after training on it",
+    "source_ppl_before": "the source's held-out perplexity per token before fine-tuning",
+    "source_ppl_after": "the source's held-out perplexity per token after fine-tuning",
+    "source_logppl_increase": "increase of the source's log-perplexity, nats per token (> 0: "
+                              "forgotten)",
+    "target_ppl_before": "the downstream tasks' perplexity before fine-tuning",
+    "target_ppl_after": "the downstream tasks' perplexity after fine-tuning",
+    "train_seconds": "cost: wall-clock seconds of training",
+    "peak_rss_mb": "cost: peak memory of the process (resident set)",
+    "peak_gpu_mb": "cost: peak GPU memory",
+    "train_gflops": "cost: floating-point operations of training, in billions",
+    "state_mb": "cost: what the strategy keeps between tasks (buffers, Fisher, teacher copies)",
+}
+"""What each column means, in words, for a reader of a table (`caption` has the conventions)."""
 ALPHA = 0.05
 
 
+MEAN_CI = "Mean ± 95% CI (Student t) over seeds."
+
+
 def caption(convention: str) -> str:
-    divisor = "T" if convention == "gem" else "T-1"
-    rows = "1..T" if convention == "mammoth" else "1..T-1"
-    return (f"Mean ± 95% CI (Student t) over seeds. ACC, BWT, FWT, FM, LA in %; REM = % of each "
+    return (f"{MEAN_CI} ACC, BWT, FWT, FM, LA in %; REM = % of each "
             f"old task's accuracy kept; REM src (transfer scenarios) = % of the pretrained "
             f"source's accuracy kept, ACC tgt = final ACC on the downstream tasks; in "
             f"language-model scenarios, src PPL pre/post = the source's held-out perplexity per "
             f"token before/after fine-tuning, src Δ log PPL = its increase in log-perplexity "
             f"(nats per token; > 0 = forgotten), tgt PPL pre/post = the downstream tasks'. "
-            f"Convention '{convention}': BWT and FWT divide by "
+            f"{conventions(convention)}")
+
+
+def conventions(convention: str) -> str:
+    """The end of every caption: how BWT, FWT and FM were computed, and what 'best' and 'tied'
+    claim (the HTML page gives the columns' meanings in `LEGEND` instead of the rest)."""
+    divisor = "T" if convention == "gem" else "T-1"
+    rows = "1..T" if convention == "mammoth" else "1..T-1"
+    return (f"Convention '{convention}': BWT and FWT divide by "
             f"{divisor}, FM takes the max over rows {rows}. 'best' = highest mean ACC in its "
             f"scenario and setting; 'tied' = not distinguishable from it by a two-sided Welch "
             f"t-test on per-seed ACC (p >= {ALPHA}; needs >= 2 seeds on both sides).")

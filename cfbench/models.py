@@ -169,6 +169,33 @@ class TextgenrnnLM(Backbone):
                          nn.Linear(embedding_dim + 2 * units, symbols))
 
 
+def initialise(model: nn.Module, init: str) -> nn.Module:
+    """`model` with its nn.Linear and nn.Conv2d layers initialised as ``Protocol.init`` says,
+    from the global RNG (seeded per run, as building the backbone is); other layers (batch
+    norm, embeddings, recurrent layers) keep PyTorch's default. "default" draws nothing, so
+    runs recorded before the option existed are unchanged.
+
+    "xavier": weights uniform in +-sqrt(6 / (fan_in + fan_out)), biases zero (Mammoth's
+    ``backbone.xavier``; Keras' glorot_uniform default, which Zenke et al.'s SI code uses).
+    "trunc-normal": weights N(0, 0.1^2) redrawn outside two standard deviations, biases 0.1
+    (TensorFlow's ``truncated_normal(stddev=0.1)`` and ``constant(0.1)`` in the EWC code of
+    ariseff/overcoming-catastrophic)."""
+    if init == "default":
+        return model
+    for module in model.modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        if init == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+            bias = 0.0
+        else:
+            nn.init.trunc_normal_(module.weight, std=0.1, a=-0.2, b=0.2)
+            bias = 0.1
+        if module.bias is not None:
+            nn.init.constant_(module.bias, bias)
+    return model
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) features of a module that maps its input's last dimension linearly: an
     ``nn.Linear``, or the ``Conv1D`` of transformers' GPT-2 (a Linear whose weight is stored

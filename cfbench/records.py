@@ -5,8 +5,10 @@ hyperparameter resolved, both seeds, the full protocol, the device), so the same
 gets the same id and a finished run can be recognised and skipped.
 
 Records are strict JSON (no NaN or Infinity: an undefined number is null) and are checked field by
-field whenever they are read, from a file or the store (`parse_record`): a record someone edited,
-truncated or crafted is one error naming its source and the field, never a traceback later on.
+field whenever they are read, from a file or the store (`parse_record`), against the published
+JSON Schema `cfbench/schema/run-record.schema.json` (the one description of the fields) and R's
+shape: a record someone edited, truncated or crafted is one error naming its source and the
+field, never a traceback later on.
 """
 
 from __future__ import annotations
@@ -14,20 +16,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.resources
 import json
 import math
 import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from cfbench.errors import CfbenchError
-from cfbench.scenario import Protocol
+from cfbench.protocol import Protocol
 
 SCHEMA_VERSION = 1
 RUN_ID = re.compile(r"[0-9a-f]{16}")
@@ -90,6 +94,11 @@ class RunRecord:
     matrices: dict[str, list[list[float]]] = field(default_factory=dict)
     """Measurements shaped like R that the scenario's objective keeps beside it (a language
     model's held-out loss in nats per token); none for classification."""
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Per task, what training measured along the way: ``train_loss``, the mean training loss
+    over each of at most ``train.CURVE_POINTS`` equal chunks of the task's steps (none for a
+    task learned without steps, a transfer source). Not part of the config; empty in records
+    written before it was kept."""
     metrics: dict[str, float] = field(default_factory=dict)
     cost: dict[str, float | int | None] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
@@ -122,14 +131,28 @@ class _Invalid(Exception):
     """A record that is not as schema 1 has it; the message names the field."""
 
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
-_CONFIG = {"scenario": str, "setting": str, "strategy": str, "device": str, "seed": int,
-           "scenario_seed": int, "hparams": dict, "scenario_options": dict, "protocol": dict}
-_SELECTION = {"by": str, "criterion": str, "candidates": int, "chosen": dict,
-              "validation_acc": float, "tuning_seeds": list, "validation": dict}
+SCHEMA_FILE = "schema/run-record.schema.json"
+"""The JSON Schema of a run record, inside the cfbench package (published; see the README)."""
 _JSON = {dict: "an object", list: "a list", str: "text", bool: "a boolean", int: "an integer",
          float: "a number"}
 """What each Python type read from JSON is called in an error."""
+_TYPES = {"object": "an object", "array": "a list", "string": "text", "boolean": "a boolean",
+          "integer": "an integer", "number": "a number", "null": "null"}
+"""What each JSON Schema type is called in an error."""
+
+
+@functools.cache
+def record_schema() -> dict[str, Any]:
+    """The JSON Schema every record read is validated against: the one description of the
+    fields of schema 1 (what it cannot say, R's shape, `_checked` adds)."""
+    return json.loads(importlib.resources.files("cfbench").joinpath(SCHEMA_FILE).read_text())
+
+
+@functools.cache
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(record_schema())
 
 
 def _kind(value: Any) -> str:
@@ -141,117 +164,79 @@ def _kind(value: Any) -> str:
             f"{shown if len(shown) <= 40 else shown[:37] + '...'}")
 
 
-def _bad(where: str, expected: str, value: Any) -> NoReturn:
-    raise _Invalid(f"field '{where}' must be {expected}, got {_kind(value)}")
+def _where(path: Sequence[str | int]) -> str:
+    """A field as an error names it: 'config.scenario', or 'R' at [1][0] inside a list."""
+    lists = next((i for i, key in enumerate(path) if isinstance(key, int)), len(path))
+    name = ".".join(repr(str(key))[1:-1] for key in path[:lists])  # escapes control characters
+    rest = "".join(f"[{key}]" if isinstance(key, int) else f".{repr(key)[1:-1]}"
+                   for key in path[lists:])
+    return f"'{name}'" + (f" at {rest}" if rest else "")
 
 
-def _is(value: Any, kind: type) -> bool:
-    """JSON typing: a boolean is not a number; a float is any finite number."""
-    if isinstance(value, bool):
-        return kind is bool
-    if kind is float:
-        try:
-            return isinstance(value, int | float) and math.isfinite(value)
-        except OverflowError:  # an integer too large for a float
-            return False
-    return isinstance(value, kind)
+def _violation(d: dict[str, Any]) -> str | None:
+    """The first way `d` breaks the record schema, as one line naming the field; None if none."""
+    error = next(iter(_validator().iter_errors(d)), None)
+    if error is None:
+        return None
+    path, rule, value = list(error.absolute_path), error.validator_value, error.instance
+    if error.validator == "required":
+        return f"field {_where([*path, next(k for k in rule if k not in value)])} is missing"
+    if error.validator == "additionalProperties":
+        extra = sorted(set(value) - set(error.schema.get("properties", {})))[0]
+        return f"unknown field {_where([*path, extra])}"
+    if error.validator == "type":
+        expected = " or ".join(_TYPES[t] for t in ([rule] if isinstance(rule, str) else rule))
+    elif error.validator == "enum":
+        expected = " or ".join(map(str, rule))
+    elif error.validator in ("minimum", "maximum"):
+        expected = ("a finite number" if abs(rule) == sys.float_info.max else
+                    f"{'at least' if error.validator == 'minimum' else 'at most'} {rule}")
+    elif error.validator == "pattern":
+        expected = f"text matching {rule}"
+    else:
+        expected = f"as the schema's {error.validator!r} rule has it ({rule!r})"
+    return f"field {_where(path)} must be {expected}, got {_kind(value)}"
 
 
-def _number_or_null(value: Any) -> bool:
-    return value is None or _is(value, float)
+def _floats(rows: list[list[float | None]]) -> list[list[float]]:
+    """Rows of numbers the schema let through, null (an undefined number) read as NaN."""
+    return [[math.nan if v is None else float(v) for v in row] for row in rows]
 
 
-def _rows(value: Any, where: str, scores: bool) -> list[list[float]]:
-    """A matrix shaped like R: a list of equally long rows of numbers or null (read as NaN);
-    `scores`: each in [0, 1]."""
-    entries = "scores in [0, 1] or null" if scores else "numbers or null"
-    if not isinstance(value, list) or not all(isinstance(row, list) for row in value):
-        _bad(where, f"a list of rows of {entries}", value)
-    for t, row in enumerate(value):
-        if len(row) != len(value[0]):
-            raise _Invalid(f"field '{where}' is ragged: row {t} has {len(row)} entries, row 0 "
-                           f"has {len(value[0])}")
-        for v in row:
-            if not _number_or_null(v) or (scores and v is not None and not 0 <= v <= 1):
-                raise _Invalid(f"field '{where}' row {t} must hold {entries}, got {_kind(v)}")
-    return [[math.nan if v is None else float(v) for v in row] for row in value]
-
-
-def _typed(node: Any, where: str, spec: dict[str, type], required: bool = True) -> None:
-    if not isinstance(node, dict):
-        _bad(where, "an object", node)
-    for key, kind in spec.items():
-        name = f"{where}.{key}" if where else key
-        if key not in node:
-            if required:
-                raise _Invalid(f"field '{name}' is missing")
-        elif not _is(node[key], kind):
-            _bad(name, _JSON[kind], node[key])
+def _matrix(rows: list[list[float | None]], where: str) -> list[list[float]]:
+    """`_floats(rows)`, whose rows must be equally long (which a schema cannot say)."""
+    for t, row in enumerate(rows):
+        if len(row) != len(rows[0]):
+            raise _Invalid(f"field {where} is ragged: row {t} has {len(row)} entries, row 0 "
+                           f"has {len(rows[0])}")
+    return _floats(rows)
 
 
 def _checked(d: Any) -> dict[str, Any]:
-    """The keyword arguments of the RunRecord `d` holds (the one description of schema 1), or
-    `_Invalid` naming the first field that is not as the schema has it."""
+    """The keyword arguments of the RunRecord `d` holds, or `_Invalid` naming the first field
+    that is not as schema 1 has it: the JSON Schema (`record_schema`), then R's shape."""
     if not isinstance(d, dict):
         raise _Invalid(f"not a run record: expected a JSON object, got {_kind(d)}")
     if d.get("schema_version") != SCHEMA_VERSION:
         raise _Invalid(f"run record schema {d.get('schema_version')!r} is not supported (this "
                        f"cfbench reads {SCHEMA_VERSION})")
-    unknown = sorted(set(d) - _FIELDS)
-    if unknown:
-        raise _Invalid(f"unknown field {unknown[0]!r}")
-    for key in ("run_id", "config"):
-        if key not in d:
-            raise _Invalid(f"field '{key}' is missing")
-    if not (isinstance(d["run_id"], str) and RUN_ID.fullmatch(d["run_id"])):
-        _bad("run_id", "16 hex digits", d["run_id"])
-    config = d["config"]
-    _typed(config, "config", _CONFIG)
-    unknown = sorted(set(config) - {*_CONFIG, "validation"})
-    if unknown:
-        raise _Invalid(f"unknown field 'config.{unknown[0]}'")
-    if not all(isinstance(v, dict) for v in config["hparams"].values()):
-        _bad("config.hparams", "an object of objects (strategy -> values)", config["hparams"])
-    if config.get("validation") is not None and not isinstance(config["validation"], dict):
-        _bad("config.validation", "an object or null", config["validation"])
-    if d.get("status", "ok") not in STATUSES:
-        _bad("status", " or ".join(STATUSES), d["status"])
-    _typed(d, "", {"started_at": str, "finished_at": str, "env": dict, "strategy_log": dict},
-           required=False)
-    for key, value in d.get("env", {}).items():  # what `environment` writes: tables join it
-        if value is not None and not _is(value, int if key == "threads" else str):
-            _bad(f"env.{key}", "an integer or null" if key == "threads" else "text or null",
-                 value)
-    for key in ("error", "traceback", "command"):
-        if d.get(key) is not None and not isinstance(d[key], str):
-            _bad(key, "text or null", d[key])
-    tasks = d.get("tasks", [])
-    if not isinstance(tasks, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tasks):
-        _bad("tasks", "a list of objects with a text 'name'", tasks)
-    R = _rows(d.get("R", []), "R", scores=True)
+    problem = _violation(d)
+    if problem:
+        raise _Invalid(problem)
+    R = _matrix(d.get("R", []), "'R'")
     width, finished = (len(R[0]) if R else 0), d.get("status", "ok") == "ok"
     if (R or finished) and not (width >= 1 and (len(R) == width + 1 if finished
                                                 else len(R) <= width + 1)):
         raise _Invalid(f"field 'R' must have T+1 rows of T >= 1 scores (fewer rows for a run "
                        f"that did not finish), got {len(R)} rows of {width}")
-    matrices = d.get("matrices", {})
-    if not isinstance(matrices, dict):
-        _bad("matrices", "an object of matrices shaped like R", matrices)
-    matrices = {name: _rows(m, f"matrices.{name}", scores=False) for name, m in matrices.items()}
+    matrices = {name: _matrix(m, _where(["matrices", name]))
+                for name, m in d.get("matrices", {}).items()}
     for name, m in matrices.items():
         if [len(row) for row in m] != [len(row) for row in R]:
-            raise _Invalid(f"field 'matrices.{name}' is not shaped like R")
-    for key in ("metrics", "cost"):
-        values = d.get(key, {})
-        if not isinstance(values, dict) or not all(map(_number_or_null, values.values())):
-            _bad(key, "an object of numbers or null", values)
-    if d.get("selection") is not None:
-        _typed(d["selection"], "selection", _SELECTION)
-        _typed(d["selection"]["validation"], "selection.validation",
-               {"fraction": float, "seed": int})
+            raise _Invalid(f"field {_where(['matrices', name])} is not shaped like R")
+    curves = {name: _floats(rows) for name, rows in d.get("curves", {}).items()}
     metrics = {k: math.nan if v is None else v for k, v in d.get("metrics", {}).items()}
-    return {**d, "R": R, "matrices": matrices, "metrics": metrics}
+    return {**d, "R": R, "matrices": matrices, "curves": curves, "metrics": metrics}
 
 
 def write_record(record: RunRecord, out_dir: Path) -> Path:
@@ -341,15 +326,31 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def find_record(run_id: str, directory: Path) -> RunRecord:
-    """The record whose id starts with `run_id` (a unique prefix is enough)."""
+def usual_record_folders() -> list[Path]:
+    """Where records are looked for when no folder is named: the default output folder and
+    every ``results/*/runs`` (the committed records and the Makefile's)."""
+    found = sorted(p for p in Path("results").glob("*/runs") if p.is_dir())
+    return [DEFAULT_OUT, *(p for p in found if p != DEFAULT_OUT)]
+
+
+def find_record(run_id: str, directories: Sequence[Path]) -> tuple[RunRecord, list[Path]]:
+    """The record whose id starts with `run_id` (a unique prefix is enough) in `directories`,
+    and every file that holds that run, newest first: one run may be recorded in several
+    folders (the same configuration run again), and the newest copy is the one returned."""
     check_run_id(run_id)
-    matches = [p for p in sorted(directory.glob(f"{run_id}*.json")) if RUN_ID.fullmatch(p.stem)]
-    if len(matches) != 1:
-        problem = "no run" if not matches else f"{len(matches)} runs"
-        raise CfbenchError(f"{problem} with id '{run_id}' in {directory}; pass --out DIR if the "
-                           "records are elsewhere")
-    return read_record(matches[0])
+    files = [p for d in directories for p in sorted(d.glob(f"{run_id}*.json"))
+             if RUN_ID.fullmatch(p.stem)]
+    ids = sorted({p.stem for p in files})
+    if len(ids) != 1:
+        where = ", ".join(map(str, directories))
+        if ids:
+            raise CfbenchError(f"{len(ids)} runs have an id starting with '{run_id}' in "
+                               f"{where} ({', '.join(ids[:5])}); give more of the id")
+        raise CfbenchError(f"no run with id '{run_id}' in {where}; pass --records DIR (or "
+                           "--store FILE) where the records are")
+    copies = sorted(((read_record(p), p) for p in files), key=lambda c: c[0].finished_at,
+                    reverse=True)
+    return copies[0][0], [p for _, p in copies]
 
 
 @functools.cache

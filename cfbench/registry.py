@@ -5,21 +5,27 @@ records metadata (family, reference, supported settings). Their hyperparameters 
 keyword arguments of the class's ``__init__`` (or of the function), so the signature is the one
 place a hyperparameter is declared: name, type and default. Built-ins are imported lazily on the
 first lookup, then third-party packages through entry points (``cfbench.strategies`` /
-``cfbench.scenarios``), whose import registers their names.
+``cfbench.scenarios``), whose import registers their names. A package that fails to import is
+a warning, not an error, until a run names one of its names: one broken install must not take
+every command down. Each name keeps its source (built-in, a package's entry point, a plugin
+file and its hash), which every run record names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
+import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -35,6 +41,34 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+DISABLE_AUTOLOAD = "CFBENCH_DISABLE_PLUGIN_AUTOLOAD"
+"""Set to a non-empty value, installed plugin packages (entry points) are not imported, as
+pytest's PYTEST_DISABLE_PLUGIN_AUTOLOAD; `--plugin` files still are."""
+
+BUILT_IN = "built-in"
+"""The source of the names cfbench itself registers."""
+
+_importing: list[str] = []
+"""The source of the plugin being imported (innermost last): what `register` records."""
+
+
+@contextlib.contextmanager
+def _importing_from(source: str) -> Iterator[None]:
+    _importing.append(source)
+    try:
+        yield
+    finally:
+        _importing.pop()
+
+
+def _source_of(factory: Callable[..., Any]) -> str:
+    """Where a name being registered comes from: cfbench's own modules (whoever imports them),
+    the plugin being imported, else the factory's module (a name registered in a session)."""
+    module = factory.__module__
+    if module.split(".")[0] == "cfbench":
+        return BUILT_IN
+    return _importing[-1] if _importing else f"module {module}"
 
 
 @dataclass(frozen=True)
@@ -122,6 +156,9 @@ class Entry:
     reference: str
     settings: tuple[str, ...]
     hparams: tuple[HyperParam, ...]
+    source: str = BUILT_IN
+    """Where the name comes from: "built-in", "NAME VERSION (entry point)" of an installed
+    package, "plugin file PATH sha256:HEX" of a `--plugin` file, or "module NAME"."""
 
     @property
     def summary(self) -> str:
@@ -132,8 +169,12 @@ class Entry:
         return text if end < 0 else text[:end + 1]
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults overlaid with `given`, each value checked and coerced to its declared type."""
+        """Defaults overlaid with `given`, each value checked and coerced to its declared type.
+        Those the factory lists in `LATER_HPARAMS` (added after runs of it were recorded) are
+        left out at their defaults, so the ids of those runs stay valid (as protocol fields
+        added later are, ``Protocol.to_dict``)."""
         known = {hp.name: hp for hp in self.hparams}
+        later = getattr(self.factory, "LATER_HPARAMS", ())
         word, flag = (("option", "--option") if self.kind == "scenario"
                       else ("hyperparameter", "--hp"))
         for key in given:
@@ -145,11 +186,13 @@ class Entry:
                     f"unknown {word} '{key}' for {self.kind} '{self.name}'{hint}; "
                     f"valid: {valid}"
                 )
-        return {
+        resolved = {
             name: hp.coerce(given[name], f"{self.kind} '{self.name}'", word, flag)
             if name in given else hp.default
             for name, hp in known.items()
         }
+        return {name: value for name, value in resolved.items()
+                if not (name in later and value == known[name].default)}
 
 
 def _hparams_of(factory: Callable[..., Any], reserved: tuple[str, ...]) -> tuple[HyperParam, ...]:
@@ -174,6 +217,27 @@ def _hparams_of(factory: Callable[..., Any], reserved: tuple[str, ...]) -> tuple
     return tuple(params)
 
 
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An installed plugin package whose entry point failed to import."""
+
+    package: str
+    entry_point: str
+    """Its name: by convention the name it registers, or the prefix of its names (``avalanche``
+    registers ``avalanche:*``)."""
+    value: str
+    group: str
+    error: str
+
+    def provides(self, name: str) -> bool:
+        """Whether `name` would have been its (by the convention above)."""
+        return name == self.entry_point or name.startswith(f"{self.entry_point}:")
+
+    def __str__(self) -> str:
+        return (f"plugin package {self.package} (entry point '{self.entry_point} = "
+                f"{self.value}', group {self.group}), which failed to import: {self.error}")
+
+
 class Registry:
     """Names of one kind (strategies or scenarios), filled by decorators and entry points."""
 
@@ -185,6 +249,7 @@ class Registry:
         self._group = group
         self._reserved = reserved
         self._entries: dict[str, Entry] = {}
+        self._broken: list[BrokenPlugin] = []
         self._loaded = False
 
     def register(self, name: str, *, family: str = "other", reference: str = "",
@@ -205,33 +270,51 @@ class Registry:
                     f"{other.__module__}.{other.__qualname__}; pick another name"
                 )
             self._entries[name] = Entry(name, factory, self.kind, family, reference,
-                                        tuple(settings), _hparams_of(factory, self._reserved))
+                                        tuple(settings), _hparams_of(factory, self._reserved),
+                                        _source_of(factory))
             return factory
 
         return decorate
 
     def load(self) -> None:
-        """Import the built-ins and every installed plugin package (once)."""
+        """Import the built-ins and every installed plugin package (once; none with
+        CFBENCH_DISABLE_PLUGIN_AUTOLOAD set). A package that fails to import is kept in
+        `broken` (the command line warns of it once the command is done); its names are then
+        unknown, and `get` blames the package."""
         if self._loaded:
             return
         importlib.import_module(self._builtin_package)
+        self._loaded, self._broken = True, []
+        if os.environ.get(DISABLE_AUTOLOAD):
+            return
         for ep in entry_points(group=self._group):
+            dist = ep.dist  # the installed package declaring it (`entry_points` sets it)
             try:
-                ep.load()
+                with _importing_from(f"{dist.name} {dist.version} (entry point)"):
+                    ep.load()
             except Exception as exc:
-                raise CfbenchError(
-                    f"plugin entry point '{ep.name} = {ep.value}' (group {self._group}) failed "
-                    f"to import: {type(exc).__name__}: {exc}; fix or uninstall that package"
-                ) from exc
-        self._loaded = True  # only now: after a failure every later lookup reports it again
+                self._broken.append(BrokenPlugin(
+                    dist.name, ep.name, ep.value, self._group,
+                    f"{type(exc).__name__}: {exc}".replace("\n", " ")))
+
+    @property
+    def broken(self) -> tuple[BrokenPlugin, ...]:
+        """Installed plugin packages of this kind that failed to import (so far: none before
+        the first lookup)."""
+        return tuple(self._broken)
 
     def get(self, name: str) -> Entry:
         self.load()
         if name not in self._entries:
+            for broken in self._broken:
+                if broken.provides(name):
+                    raise CfbenchError(f"{self.kind} '{name}' comes from {broken}; fix or "
+                                       f"reinstall {broken.package}, or uninstall it")
             close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
+            note = "".join(f" (names may be missing from {b})" for b in self._broken)
             raise CfbenchError(
-                f"unknown {self.kind} '{name}'{hint}; see `cfbench list {self.plural}`"
+                f"unknown {self.kind} '{name}'{hint}; see `cfbench list {self.plural}`{note}"
             )
         return self._entries[name]
 
@@ -270,8 +353,10 @@ def load_plugin(path: str) -> None:
         raise CfbenchError(f"plugin file {path} is not an importable Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
     try:
-        spec.loader.exec_module(module)
+        with _importing_from(f"plugin file {file.resolve()} sha256:{digest}"):
+            spec.loader.exec_module(module)
     except CfbenchError:
         raise
     except Exception as exc:

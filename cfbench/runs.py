@@ -11,15 +11,19 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfbench.errors import CfbenchError
-from cfbench.executors import Executor, make_jobs
+from cfbench.executors import Executor, Job, make_jobs
+from cfbench.progress import Progress
 from cfbench.records import RunConfig, RunRecord, read_records, write_record
 from cfbench.store import Store
+
+if TYPE_CHECKING:
+    from cfbench.trackers import Tracking
 
 Report = Callable[[str], None]
 
@@ -57,6 +61,11 @@ def check_writable(path: Path, flag: str, *, directory: bool) -> None:
 
 def silent(text: str) -> None:
     """A report nobody reads."""
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 run``, ``2 runs``: a count and its noun, in the right number."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @dataclass(frozen=True)
@@ -103,19 +112,20 @@ class Outcome:
                  f"{len(self.interrupted)} interrupted, {len(self.skipped)} skipped (already ok "
                  f"in {where})"]
         if self.failed:
-            lines.append("failed runs:")
+            lines.append(f"failed {'run' if len(self.failed) == 1 else 'runs'}:")
             lines += [f"  {r.run_id} {self.labels.get(r.run_id, '')}: {r.error}"
                       for r in self.failed]
         if self.interrupted:
-            lines.append(f"{len(self.interrupted)} run(s) interrupted; `--resume` reruns them")
+            lines.append(f"{plural(len(self.interrupted), 'run')} interrupted; `--resume` "
+                         f"reruns {'it' if len(self.interrupted) == 1 else 'them'}")
         return "\n".join(lines)
 
 
 class Sink:
-    """Where records go: a JSON directory (one file per run), a results store, or both. The
-    store, when there is one, says what exists (resume reads it) and is written last, so a run
-    it holds is in the directory too. Reading a sink creates nothing; making one checks that
-    both can be written."""
+    """Where records go: a JSON directory (one file per run), a results store, or both. A run is
+    held when either has it (resume reads both); the store is written last, so a run it holds is
+    in the directory too. Reading a sink creates nothing; making one checks that both can be
+    written."""
 
     def __init__(self, out: str | Path | None = None, store: str | Path | None = None) -> None:
         self.out = Path(out) if out is not None else None
@@ -128,18 +138,37 @@ class Sink:
         self.where = f"store {self.store_path}" if self.store_path else f"{self.out}/"
 
     def stored(self) -> dict[str, RunRecord]:
-        """Run id -> record of every run the sink holds."""
-        if self.store_path is not None:
-            if not self.store_path.exists():
-                return {}
+        """Run id -> record of every run the sink holds, in the directory or the store (the
+        store's copy wins): a fresh clone's committed records count as stored, though the
+        store, which git does not keep, is new."""
+        held: dict[str, RunRecord] = {}
+        if self.out is not None and self.out.is_dir():
+            held.update((r.run_id, r) for r in read_records(self.out))
+        if self.store_path is not None and self.store_path.exists():
             with Store(self.store_path) as store:
-                return {r.run_id: r for r in store.records()}
-        assert self.out is not None
-        return {r.run_id: r for r in read_records(self.out)} if self.out.is_dir() else {}
+                held.update((r.run_id, r) for r in store.records())
+        return held
 
     def put(self, record: RunRecord) -> None:
         if self.out is not None:
             write_record(record, self.out)
+        self._put_in_store(record)
+
+    def adopt(self, records: Iterable[RunRecord]) -> None:
+        """Copy into the store the held records that only the directory has (a fresh clone's
+        committed records), so the store alone tabulates every run."""
+        if self.store_path is None:
+            return
+        in_store: set[str] = set()
+        if self.store_path.exists():
+            with Store(self.store_path) as store:
+                in_store = store.finished_ids()
+        missing = [r for r in records if r.run_id not in in_store]
+        if missing:
+            self._store = self._store or Store(self.store_path)
+            self._store.put_many(missing)
+
+    def _put_in_store(self, record: RunRecord) -> None:
         if self.store_path is not None:
             self._store = self._store or Store(self.store_path)
             self._store.put(record)
@@ -160,9 +189,11 @@ def check_stored(runs: Sequence[PlannedRun], sink: Sink, resume: bool, replace: 
     stored = {run_id: r for run_id, r in sink.stored().items() if run_id in ids}
     if stored and not (resume or replace):
         done = sum(r.status == "ok" for r in stored.values())
-        raise CfbenchError(f"{sink.where} already holds {len(stored)} of these {len(ids)} runs "
-                           f"({done} ok); pass --resume to skip the finished ones and rerun the "
-                           f"rest, or give another {'--store' if sink.store_path else '--out'}")
+        held = (f"this run (status {next(iter(stored.values())).status})" if len(ids) == 1
+                else f"{len(stored)} of these {len(ids)} runs ({done} ok)")
+        raise CfbenchError(f"{sink.where} already holds {held}; pass --resume to "
+                           "skip the finished ones and rerun the rest, or give another "
+                           f"{'--store' if sink.store_path else '--out'}")
     return stored
 
 
@@ -179,7 +210,10 @@ class RunOptions:
     stack: bool = False
     """Train runs that can share a stacked job as one (``executors.make_jobs``)."""
     command: str | None = None
-    progress: Report = silent  # told one line per finished run
+    tracking: Tracking | None = None
+    """Experiment trackers each committed record is logged to (``--log``)."""
+    progress: Progress = field(default_factory=Progress)
+    """Told each run as it starts and its line as it ends (``cfbench.progress``)."""
     report: Report = silent  # told notes (runs not stacked) and the summary at the end
 
 
@@ -190,9 +224,15 @@ def run_plan(runs: Sequence[PlannedRun], sink: Sink, name: str, options: RunOpti
     interrupted and the summary is reported."""
     stored = check_stored(runs, sink, options.resume, options.replace)
     ok = {run_id: r for run_id, r in stored.items() if r.status == "ok" and options.resume}
+    sink.adopt(ok.values())
     todo = {run.config.run_id: run for run in runs if run.config.run_id not in ok}
     outcome = Outcome(skipped=list(ok.values()),
                       labels={run.config.run_id: run.label() for run in runs})
+    log = None
+    if options.tracking is not None:  # after the commit: a tracker's failure loses no record
+        logs = options.tracking.where(sink.store_path or sink.out or Path("."))
+        check_writable(logs, "--log-dir", directory=True)
+        log = options.tracking.start(logs, name, options.report)
 
     def on_records(records: list[RunRecord]) -> None:
         for record in records:
@@ -205,13 +245,21 @@ def run_plan(runs: Sequence[PlannedRun], sink: Sink, name: str, options: RunOpti
             took = f" ({seconds:.1f} s training)" if seconds else ""
             problem = f": {record.error}" if record.error else ""
             done = len(outcome.ok) + len(outcome.failed) + len(outcome.interrupted)
-            options.progress(f"[{done}/{len(todo)}] {record.status} {record.run_id} "
-                             f"{outcome.labels[record.run_id]}{took}{problem}")
+            options.progress.finished(record.run_id, f"[{done}/{len(todo)}] {record.status} "
+                                      f"{record.run_id} {outcome.labels[record.run_id]}{took}"
+                                      f"{problem}")
+            if log is not None:
+                log(record, outcome.labels[record.run_id])
 
     jobs = make_jobs([run.config for run in todo.values()], options.stack, options.report,
                      options.executor.slots)
+    def on_start(job: Job) -> None:
+        for config in job:
+            options.progress.started(config.run_id, outcome.labels[config.run_id])
+
     try:
-        options.executor.run(jobs, on_records)
+        with options.progress.running(len(todo)):
+            options.executor.run(jobs, on_records, on_start)
     except KeyboardInterrupt:  # say what was kept before it propagates
         options.report(outcome.summary(name, sink.where))
         raise

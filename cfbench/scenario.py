@@ -17,16 +17,15 @@ model input, which loss trains the model and which score fills R (`Objective`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cfbench.errors import CfbenchError
+from cfbench.protocol import Protocol
 from cfbench.registry import SETTINGS
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -56,67 +55,6 @@ class Task:
                                             if getattr(self, f) is not None})
 
 
-@dataclass(frozen=True)
-class Protocol:
-    """The training budget and optimiser every strategy gets in a scenario. Recorded in full."""
-
-    model: str = "mlp:400,400"
-    epochs: float | None = 1.0
-    iterations: int | None = None
-    batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    eval_batch_size: int = 4096
-    class_scope: str = "seen"
-    reset_optimizer: bool = True
-    """A fresh optimizer for each task (True), or one whose state (Adam's moments) carries over
-    from task to task, as in Hsu et al. 2018's code (False)."""
-    precision: str = "fp32"
-    """"bf16": forward passes (training and evaluation) under bfloat16 autocast; weights,
-    gradients, optimizer state and strategy state stay float32."""
-    compile: bool = False
-    """Compile the model with ``torch.compile`` (in place, so parameter names, state dicts and
-    copies are unchanged). Compilation happens in the first steps and is charged to training."""
-    fused_optimizer: bool = False
-    """The optimizer's fused kernel (one pass over all parameters per step): about 20% faster
-    training of the default MLP on the CPU; it rounds differently from the default kernel, so
-    the numbers differ from an unfused run in the last bits."""
-
-    def __post_init__(self) -> None:
-        if (self.epochs is None) == (self.iterations is None):
-            raise CfbenchError("set exactly one of --epochs or --iterations")
-        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr)):
-            if value is not None and not value > 0:
-                raise CfbenchError(f"{flag} must be positive, got {value}")
-            if value is not None and not math.isfinite(value):  # would never end, or diverge
-                raise CfbenchError(f"{flag} must be finite, got {value}")
-        if self.iterations is not None and self.iterations <= 0:
-            raise CfbenchError(f"--iterations must be positive, got {self.iterations}")
-        if self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise CfbenchError("--batch-size must be a positive integer")
-        if self.optimizer not in ("sgd", "adam"):
-            raise CfbenchError(f"unknown optimizer '{self.optimizer}'; use sgd or adam")
-        if self.class_scope not in ("seen", "all"):
-            raise CfbenchError(f"class_scope must be 'seen' or 'all', got {self.class_scope!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise CfbenchError(f"unknown precision '{self.precision}'; use fp32 or bf16")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The protocol as recorded. Fields added after the first release are left out at
-        their defaults, so the ids of runs recorded before they existed stay valid."""
-        d = dataclasses.asdict(self)
-        for name in ("precision", "compile", "fused_optimizer"):
-            if d[name] == getattr(Protocol, name):
-                del d[name]
-        return d
-
-    def steps(self, n_train: int) -> int:
-        """Optimizer steps for a task with `n_train` training samples (last batch may be short)."""
-        if self.iterations is not None:
-            return self.iterations
-        return max(1, math.ceil(self.epochs * n_train / self.batch_size - 1e-9))
-
-
 def class_groups(n_classes: int, tasks: int, seed: int, shuffle: bool
                  ) -> list[tuple[int, ...]]:
     """`tasks` disjoint groups of consecutive classes (0/1, 2/3, ...) or, shuffled by the
@@ -141,6 +79,20 @@ def split_by_class(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
                           x_train=x_train[train], y_train=y_train[train],
                           x_test=x_test[test], y_test=y_test[test]))
     return tasks
+
+
+def train_subset(scenario: Scenario, n: int, seed: int) -> Scenario:
+    """`scenario` with each task training on at most `n` of its training samples, drawn
+    uniformly without replacement by a generator seeded with `seed` (in their original order),
+    as GEM's code takes ``--samples_per_task`` per task; test and validation splits unchanged."""
+    generator = torch.Generator().manual_seed(seed)
+    tasks = []
+    for task in scenario.tasks:
+        keep = torch.randperm(len(task.y_train), generator=generator)[:n].sort().values
+        keep = keep.to(task.y_train.device)
+        tasks.append(dataclasses.replace(task, x_train=task.x_train[keep],
+                                         y_train=task.y_train[keep]))
+    return dataclasses.replace(scenario, tasks=tasks)
 
 
 class Objective:
@@ -299,7 +251,10 @@ class Scenario:
         return tuple(self.tasks[0].x_train.shape[1:])
 
     def _stats(self, like: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
-        """mean and 1/std, as floats or as (C, 1, 1) tensors on `like`'s device."""
+        """mean and 1/std, as floats or as (C, 1, 1) tensors on `like`'s device; 0 and 1 when
+        the protocol leaves pixels unnormalised (`Protocol.normalize`)."""
+        if not self.protocol.normalize:
+            return 0.0, 1.0
         if isinstance(self.mean, float | int) and isinstance(self.std, float | int):
             return self.mean, 1.0 / self.std
         shape = (-1,) + (1,) * (like.dim() - 2)
@@ -317,8 +272,8 @@ class Scenario:
         return self.objective.stored(self, inputs)
 
     def normalise(self, pixels: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
-        """Float pixels in [0, 1] -> model inputs (the scenario's normalisation); `in_place`
-        overwrites `pixels`."""
+        """Float pixels in [0, 1] -> model inputs (the scenario's normalisation, unless the
+        protocol turns it off); `in_place` overwrites `pixels`."""
         mean, inv_std = self._stats(pixels)
         return (pixels if in_place else pixels.clone()).sub_(mean).mul_(inv_std)
 

@@ -67,14 +67,17 @@ def plan(sweep: SweepFile, data_root: Path, seeds: Sequence[int] | None = None
     configuration are kept once). A run's `point` shows its strategy's grid values and those of
     the scenario-option and protocol axes that vary."""
     from cfbench.experiment import load_scenario, plan_runs, resolve_device
+    from cfbench.protocol import scenario_seed_of
     from cfbench.strategy import strategy_names
 
     runs: dict[str, PlannedRun] = {}
+    seeds = list(sweep.seeds if seeds is None else seeds)
     for scenario, options_grid in sweep.scenarios:
         entry = registry.scenarios.get(scenario)
         for options in _points(options_grid):
             try:  # the data (cached: plan_runs finds it loaded), so its errors name the scenario
-                load_scenario(scenario, entry.resolve(options), sweep.scenario_seed, data_root,
+                load_scenario(scenario, entry.resolve(options),
+                              scenario_seed_of(sweep.scenario_seed, seeds[0]), data_root,
                               resolve_device(sweep.device))
             except CfbenchError as exc:
                 line = sweep.lines.get(f"scenarios.{scenario}", 0)
@@ -93,8 +96,7 @@ def plan(sweep: SweepFile, data_root: Path, seeds: Sequence[int] | None = None
                         try:
                             configs = plan_runs(
                                 scenario=scenario, settings=settings, strategies=[spec],
-                                hparams=hparams, seeds=list(sweep.seeds if seeds is None
-                                                            else seeds),
+                                hparams=hparams, seeds=seeds,
                                 scenario_seed=sweep.scenario_seed, scenario_options=options,
                                 protocol_overrides=protocol, device=sweep.device,
                                 data_root=data_root)

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import math
 import re
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +22,13 @@ import yaml
 
 from cfbench import registry
 from cfbench.errors import CfbenchError
-from cfbench.scenario import Protocol
+from cfbench.protocol import PER_SEED, Protocol, protocol_value
+from cfbench.trackers import TRACKERS
 
 DEFAULT_DIR = Path("results") / "sweeps"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 KEYS = ("name", "scenarios", "settings", "strategies", "seeds", "scenario_seed", "protocol",
-        "device", "timeout", "resources", "tune")
+        "device", "timeout", "resources", "tune", "log")
 TUNE_KEYS = ("seeds", "validation", "tasks", "split_seed")
 
 
@@ -53,7 +53,8 @@ class SweepFile:
     """None: each run uses every setting its scenario and strategy both support."""
     strategies: list[tuple[str, dict[str, dict[str, list[Any]]]]]
     seeds: tuple[int, ...]
-    scenario_seed: int = 0
+    scenario_seed: int | str = 0
+    """The task sequence's seed, or "seed" (`PER_SEED`): each run's training seed."""
     protocol: dict[str, list[Any]] = field(default_factory=dict)
     device: str = "cpu"
     timeout: float | None = None
@@ -62,6 +63,8 @@ class SweepFile:
     tune: TuneSpec | None = None
     lines: dict[str, int] = field(default_factory=dict)
     """Line of each top-level key and of each scenario and strategy ("strategies.ewc")."""
+    log: tuple[str, ...] = ()
+    """Experiment trackers each run is logged to (``cfbench.trackers``), besides ``--log``."""
 
     def default_store(self, suffix: str = "") -> Path:
         return DEFAULT_DIR / f"{self.name}{suffix}.sqlite"
@@ -249,8 +252,11 @@ def load_sweep(path: str | Path) -> SweepFile:
     strategies = _strategies(check, raw, lines)
     protocol = _protocol(check, raw)
     seeds = check.seeds(raw, "seeds", "seeds") if "seeds" in raw else (0,)
-    scenario_seed = (check.number(raw, "scenario_seed", "scenario_seed", integer=True)
-                     if "scenario_seed" in raw else 0)
+    scenario_seed: int | str = 0
+    if raw.get("scenario_seed") == PER_SEED:
+        scenario_seed = PER_SEED
+    elif "scenario_seed" in raw:
+        scenario_seed = check.number(raw, "scenario_seed", "scenario_seed", integer=True)
     device = check.text(raw, "device", "device") if "device" in raw else "cpu"
     timeout = None
     if raw.get("timeout") is not None:
@@ -273,9 +279,14 @@ def load_sweep(path: str | Path) -> SweepFile:
         raise CfbenchError(f"{path}:{lines.get('resources', 0)}: resources.gpus is {gpus:g} but "
                            f"the runs use device '{device}'; set device: cuda")
     tune = _tune(check, raw) if "tune" in raw else None
+    log = tuple(check.texts(raw, "log", "log")) if "log" in raw else ()
+    for tracker in log:
+        if tracker not in TRACKERS:
+            raise check.error(raw, "log", "log", f"unknown tracker '{tracker}'; use "
+                                                 f"{', '.join(TRACKERS)}")
     return SweepFile(path, name, scenarios, settings, strategies, seeds, scenario_seed,
                      protocol, device, timeout, cpus, float(cuda) if gpus is None else gpus, tune,
-                     lines)
+                     lines, log=log)
 
 
 def _named_entries(check: _Checker, raw: Mapping, key: str
@@ -335,25 +346,15 @@ def _protocol(check: _Checker, raw: Mapping) -> dict[str, list[Any]]:
     if "protocol" not in raw:
         return {}
     node = check.mapping(raw, "protocol", "protocol", raw["protocol"])
-    hints = typing.get_type_hints(Protocol)
     check.only(node, [f.name for f in dataclasses.fields(Protocol)], "protocol.")
     grid = {}
     for key in node:
-        param = registry.HyperParam(key, hints[key], None)
         grid[key] = []
         for v in check.grid(node, key, f"protocol.{key}"):
             try:
-                value = param.coerce(v, "the protocol")
-            except CfbenchError:
-                raise check.error(node, key, f"protocol.{key}", f"expected {param.type_name}, "
-                                  f"got {_kind(v)} {v!r}") from None
-            other = {"epochs": "iterations", "iterations": "epochs"}.get(key)
-            try:  # the value alone, as Protocol checks it (a budget replaces the other unit)
-                dataclasses.replace(Protocol(), **{key: value}, **(
-                    {other: None} if other and value is not None else {}))
+                grid[key].append(protocol_value(key, v))
             except CfbenchError as exc:
                 raise check.error(node, key, f"protocol.{key}", str(exc)) from None
-            grid[key].append(value)
     return grid
 
 

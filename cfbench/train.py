@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cfbench.scenario import Protocol, Task
+from cfbench.scenario import Protocol, Setting, Task, apply_mask
 from cfbench.strategy import Batch, Strategy, TrainContext, TrainData, overrides
 
 
@@ -99,13 +99,29 @@ def _check_flags(first_bad: torch.Tensor, task: Task, task_index: int) -> None:
         raise NonFiniteLoss(task, task_index, step, None, member)
 
 
+CURVE_POINTS = 50
+"""Points per task of a run's training-loss curve (``RunRecord.curves``): each the mean loss
+over one of this many equal chunks of the task's steps (one per step when there are fewer)."""
+
+
 @dataclass(frozen=True)
 class TaskCost:
     """What training one task took: optimizer steps and their floating-point operations (per
-    member)."""
+    member), and each member's training-loss curve (`CURVE_POINTS` chunk means at most)."""
 
     steps: int
     flops: int
+    losses: tuple[tuple[float, ...], ...] = ()
+
+
+def _chunk_means(sums: torch.Tensor, steps: int, done: int) -> tuple[tuple[float, ...], ...]:
+    """Each member's mean loss per chunk from `sums` (chunks x K, one host sync): chunk j
+    holds steps [ceil(j*steps/n), ceil((j+1)*steps/n)) of which the first `done` ran; chunks
+    no step reached are left out (a task stopped early)."""
+    n = len(sums)
+    counts = [min(-(-(j + 1) * steps // n), done) - -(-j * steps // n) for j in range(n)]
+    return tuple(tuple(s / c for s, c in zip(member, counts, strict=True) if c > 0)
+                 for member in sums.T.tolist())
 
 
 _STEP_HOOKS = ("batch", "loss", "penalty", "after_backward", "after_step", "predict")
@@ -244,10 +260,14 @@ def run_task(backend: ModelBackend, task: Task) -> TaskCost:
     # Accelerator: each member's first step whose loss was not finite (-1: none), on the device.
     first_bad = (None if reads_are_free(device)
                  else torch.full((backend.k,), -1, dtype=torch.long, device=device))
+    # The loss curve: each member's loss summed per chunk of steps, on the device (no sync).
+    points = min(CURVE_POINTS, steps)
+    loss_sums = torch.zeros(points, backend.k, device=device)
 
     def step(i: int, idx: tuple[torch.Tensor, ...]) -> None:
         nonlocal first_bad
         losses = backend.forward_backward(data, idx)
+        loss_sums[i * points // steps].add_(losses.view(-1))
         if first_bad is None:
             for member, value in enumerate(losses.view(-1).tolist()):
                 if not math.isfinite(value):
@@ -277,7 +297,7 @@ def run_task(backend: ModelBackend, task: Task) -> TaskCost:
     if first_bad is not None:
         _check_flags(first_bad, task, index)
     backend.each("after_task", task)
-    return TaskCost(done, step_flops * done)
+    return TaskCost(done, step_flops * done, _chunk_means(loss_sums, steps, done))
 
 
 def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
@@ -285,28 +305,62 @@ def train_task(ctx: TrainContext, strategy: Strategy, task: Task) -> TaskCost:
     return run_task(ModelBackend([ctx], [strategy]), task)
 
 
+def _task_sums(backend: ModelBackend, predict: bool, setting: Setting | None = None
+               ) -> torch.Tensor:
+    """The objective's sums on every task's test split, (K, T, S) stacked or (T, S); scores
+    masked to `setting`'s units too where given (a strategy's ``predict`` may ignore masks)."""
+    ctx, scenario = backend.ctxs[0], backend.scenario
+    objective, size = scenario.objective, scenario.protocol.eval_batch_size
+    sums = []
+    for i in range(len(scenario.tasks)):
+        data = ctx.task_data(i, "test")
+        parts = []
+        for start in range(0, len(data), size):
+            batch = ctx.make_batch(data, slice(start, start + size))
+            scores = backend.scores(batch, predict)
+            if setting is not None:
+                scores = apply_mask(scores, setting.mask(batch.task, ctx.task_index))
+            parts.append(objective.measure(scores, batch.y))
+        sums.append(sum(parts[1:], parts[0]))
+    return torch.stack(sums, -2)
+
+
+@contextlib.contextmanager
+def _scored_in(backend: ModelBackend, setting: Setting) -> Iterator[None]:
+    """Every member's context in `setting` while the model is scored in it (logits and a
+    strategy's ``predict`` read its masks), then back in the run's own."""
+    own = [ctx.setting for ctx in backend.ctxs]
+    for ctx in backend.ctxs:
+        ctx.setting = setting
+    try:
+        yield
+    finally:
+        for ctx, setting_of_run in zip(backend.ctxs, own, strict=True):
+            ctx.setting = setting_of_run
+
+
 @torch.inference_mode()
 def evaluate_members(backend: ModelBackend, predict: bool = True
                      ) -> list[dict[str, list[float]]]:
     """Each member's row of R (key ``"R"``) and of every matrix its scenario's objective keeps,
-    as of ``ctx.task_index``, with one host sync. `predict`: use the strategies' ``predict``."""
-    scenario, ctx = backend.scenario, backend.ctxs[0]
-    objective, size = scenario.objective, scenario.protocol.eval_batch_size
-    sums = []
+    as of ``ctx.task_index``, with one host sync. For each setting the protocol's
+    `also_evaluate` names, the same rows of the same model scored in that setting, keyed
+    ``"R@task"``, ``"loss@task"``... `predict`: use the strategies' ``predict``."""
+    scenario, objective = backend.scenario, backend.scenario.objective
+    others = [Setting(scenario, name) for name in scenario.protocol.also_evaluate]
     with backend.evaluating():
-        for i in range(len(scenario.tasks)):
-            data = ctx.task_data(i, "test")
-            parts = []
-            for start in range(0, len(data), size):
-                batch = ctx.make_batch(data, slice(start, start + size))
-                parts.append(objective.measure(backend.scores(batch, predict), batch.y))
-            sums.append(sum(parts[1:], parts[0]))
-    table = torch.stack(sums, -2).view(backend.k, len(sums), -1).tolist()  # the one host sync
-    rows = []
-    for member in table:
-        scores = [objective.summarise(task_sums) for task_sums in member]
-        rows.append({"R": [score for score, _ in scores],
-                     **{name: [extra[name] for _, extra in scores] for name in objective.matrices}})
+        sums = [_task_sums(backend, predict)]
+        for setting in others:
+            with _scored_in(backend, setting):
+                sums.append(_task_sums(backend, predict, setting))
+    table = torch.stack(sums).view(len(sums), backend.k, len(scenario.tasks), -1).tolist()
+    rows: list[dict[str, list[float]]] = [{} for _ in range(backend.k)]  # the one sync above
+    for suffix, members in zip(["", *(f"@{s.name}" for s in others)], table, strict=True):
+        for row, member in zip(rows, members, strict=True):
+            scores = [objective.summarise(task_sums) for task_sums in member]
+            row[f"R{suffix}"] = [score for score, _ in scores]
+            for name in objective.matrices:
+                row[f"{name}{suffix}"] = [extra[name] for _, extra in scores]
     return rows
 
 

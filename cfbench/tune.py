@@ -10,8 +10,9 @@
    must be disjoint from the tuning seeds (van de Ven et al.: tune on one seed, report on
    others). Each of these records carries ``selection``, saying how its values were chosen.
 
-Validation runs are stored apart from the reported ones (`validation_store`), so a leaderboard
-over the main store never mixes validation and test accuracies. Both phases take the one run
+Validation runs are stored apart from the reported ones (`validation_store`, and with ``--out``
+the folder's ``validation/`` subfolder), so a leaderboard over the main store or the records
+folder never mixes validation and test accuracies. Both phases take the one run
 path (`cfbench.runs.run_plan`).
 """
 
@@ -60,6 +61,12 @@ class Choice:
 def validation_store(store: Path) -> Path:
     """Where the validation runs of a tune whose reported runs go to `store` are kept."""
     return store.with_name(f"{store.stem}.validation{store.suffix or '.sqlite'}")
+
+
+def validation_out(out: str | Path) -> Path:
+    """Where the validation records of a tune whose reported records go to `out` are written:
+    a subfolder, which a leaderboard over `out` does not read."""
+    return Path(out) / "validation"
 
 
 def plan_tune(sweep: SweepFile, data_root: Path) -> TunePlan:
@@ -172,10 +179,13 @@ def choice_lines(choices: Iterable[Choice]) -> list[str]:
 
 def tune(sweep: SweepFile, data_root: Path, store: Path, options: RunOptions, *,
          out: str | Path | None = None, dry_run: bool = False) -> bool:
-    """Plan both phases, run the validation runs into `validation_store(store)`, choose, and run
-    the chosen values into `store`. True when every run succeeded and every group got a choice."""
-    sinks = Sink(out, validation_store(store)), Sink(out, store)  # checked before planning
-    planned = plan_tune(sweep, data_root)
+    """Plan both phases, run the validation runs into `validation_store(store)` (and
+    `validation_out(out)`), choose, and run the chosen values into `store` (and `out`). True when
+    every run succeeded and every group got a choice."""
+    sinks = (Sink(None if out is None else validation_out(out), validation_store(store)),
+             Sink(out, store))  # checked before planning
+    with options.progress.loading(f"the scenarios of {sweep.name} (data root {data_root})"):
+        planned = plan_tune(sweep, data_root)
     with sinks[0] as val, sinks[1] as test:
         if dry_run:
             options.report(dry_run_table(planned.tuning, val.stored()) + "then the chosen "

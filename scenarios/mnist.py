@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from cfbench.cost import check_fits
-from cfbench.data import IdxDataset, load_idx_dataset
+from cfbench.data import CHECKSUMS, IdxDataset, load_idx_dataset
+from cfbench.data.derived import cached_arrays
 from cfbench.registry import register_scenario
 from cfbench.scenario import Protocol, Scenario, Source, Task, class_groups, split_by_class
 
@@ -106,21 +107,29 @@ def permuted_mnist(*, data_root: Path, seed: int, tasks: int = 10) -> Scenario:
     """MNIST with one fixed random pixel permutation per task (drawn from the scenario seed).
 
     Task t's labels are 10*t + digit, so the task setting has a head per task and the domain
-    setting one shared 10-way head. Permuted images are precomputed once per task.
+    setting one shared 10-way head. Permuted images are computed once per data root and cached
+    there (``cfbench.data.derived``).
     """
     _check_tasks(tasks)
     data = load_idx_dataset("mnist", data_root)
     _check_room(tasks, data)
     x_train, y_train, x_test, y_test = _flat(data)
-    generator = torch.Generator().manual_seed(seed)
-    task_list = []
-    for t in range(tasks):
-        perm = torch.randperm(28 * 28, generator=generator)
-        task_list.append(Task(
-            name=f"perm{t}", classes=tuple(range(10 * t, 10 * t + 10)),
-            x_train=x_train[:, perm].reshape(-1, 1, 28, 28), y_train=y_train + 10 * t,
-            x_test=x_test[:, perm].reshape(-1, 1, 28, 28), y_test=y_test + 10 * t,
-        ))
+
+    def permute() -> dict[str, np.ndarray]:
+        generator = torch.Generator().manual_seed(seed)
+        images = {}
+        for t in range(tasks):
+            perm = torch.randperm(28 * 28, generator=generator)
+            images[f"train{t}"] = x_train[:, perm].reshape(-1, 1, 28, 28).numpy()
+            images[f"test{t}"] = x_test[:, perm].reshape(-1, 1, 28, 28).numpy()
+        return images
+
+    images = cached_arrays(data_root, "permuted-mnist",
+                           {"seed": seed, "tasks": tasks, "mnist": CHECKSUMS["mnist"]}, permute)
+    task_list = [Task(name=f"perm{t}", classes=tuple(range(10 * t, 10 * t + 10)),
+                      x_train=images[f"train{t}"], y_train=y_train + 10 * t,
+                      x_test=images[f"test{t}"], y_test=y_test + 10 * t)
+                 for t in range(tasks)]
     return Scenario("permuted-mnist", task_list, PERMUTED_PROTOCOL, mean=MNIST_MEAN,
                     std=MNIST_STD)
 
@@ -152,18 +161,26 @@ def rotation_angles(tasks: int, seed: int) -> list[float]:
 def rotated_mnist(*, data_root: Path, seed: int, tasks: int = 10) -> Scenario:
     """MNIST rotated by one fixed angle per task (GEM's rule, drawn from the scenario seed).
 
-    Labels as in permuted-mnist (10*t + digit). Each task's images are rotated once, when the
-    scenario is built.
+    Labels as in permuted-mnist (10*t + digit). Each task's images are rotated once, on the
+    first build in a data root, and cached there (``cfbench.data.derived``).
     """
     _check_tasks(tasks)
     data = load_idx_dataset("mnist", data_root)
     _check_room(tasks, data)
-    x_train, x_test = _images(data.x_train), _images(data.x_test)
+    angles = rotation_angles(tasks, seed)
+
+    def rotated() -> dict[str, np.ndarray]:
+        x_train, x_test = _images(data.x_train), _images(data.x_test)
+        return {f"{split}{t}": rotate(x, angle).numpy() for t, angle in enumerate(angles)
+                for split, x in (("train", x_train), ("test", x_test))}
+
+    images = cached_arrays(data_root, "rotated-mnist",
+                           {"seed": seed, "tasks": tasks, "mnist": CHECKSUMS["mnist"]}, rotated)
     y_train, y_test = torch.from_numpy(data.y_train), torch.from_numpy(data.y_test)
     task_list = [Task(name=f"rot{angle:.1f}", classes=tuple(range(10 * t, 10 * t + 10)),
-                      x_train=rotate(x_train, angle), y_train=y_train + 10 * t,
-                      x_test=rotate(x_test, angle), y_test=y_test + 10 * t)
-                 for t, angle in enumerate(rotation_angles(tasks, seed))]
+                      x_train=images[f"train{t}"], y_train=y_train + 10 * t,
+                      x_test=images[f"test{t}"], y_test=y_test + 10 * t)
+                 for t, angle in enumerate(angles)]
     return Scenario("rotated-mnist", task_list, PERMUTED_PROTOCOL, mean=MNIST_MEAN,
                     std=MNIST_STD)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -37,11 +38,21 @@ class Check:
     seconds: float
 
 
+def _ignored(folder: Path) -> bool:
+    """True for a folder git ignores: records a user made (`make leaderboard`'s
+    results/quick-look), not committed ones."""
+    try:
+        return subprocess.run(["git", "check-ignore", "-q", str(folder)], cwd=RESULTS,
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def committed_checks(folders: Iterable[str] | None) -> list[Check]:
     """Per results folder and (scenario, strategy), the finished record that ran fastest."""
     chosen: dict[tuple[str, str, str], Check] = {}
     for runs in sorted(RESULTS.glob("*/runs")):
-        if folders and runs.parent.name not in folders:
+        if (folders and runs.parent.name not in folders) or _ignored(runs):
             continue
         for path in sorted(runs.glob("*.json")):
             record = json.loads(path.read_text())

@@ -120,7 +120,7 @@ class _StackedLwF(Stacked):
             return
         self.teacher = {n: torch.stack([m.teacher.get_parameter(n) for m in members])
                         for n in job.params}
-        self.groups = old_unit_groups(job.setting, job.ctxs[0].task_index)
+        self.groups = old_unit_groups(job.ctxs[0].setting, job.ctxs[0].task_index)
         temperatures = [m.temperature for m in members]
         # One temperature for all divides by a Python number, as a single run does.
         self.temperature = (temperatures[0] if len(set(temperatures)) == 1 else

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, vmap
 
 from cfbench.models import split_head
 from cfbench.registry import register_strategy
-from cfbench.scenario import Task, apply_mask, token_rows
+from cfbench.scenario import Classification, Scenario, Task, apply_mask, token_rows
 from cfbench.strategy import Batch, Stacked, Strategy, TrainContext
 
 Params = dict[str, torch.Tensor]
@@ -169,35 +169,46 @@ def param_grads(model: nn.Module, scalar: torch.Tensor) -> Params:
     return {n: g for n, g in zip(params, grads, strict=True) if g is not None}
 
 
-def _log_likelihood(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log p(y|x) summed over the batch's predictions (a sequence's: over its tokens)."""
+def _log_likelihood(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(y|x) summed over the batch's predictions (a sequence's: over its tokens), each
+    sample's multiplied by its `scale` where given (one prediction per sample)."""
     rows, mask = token_rows(logits, mask)
-    return -F.cross_entropy(apply_mask(rows, mask), y.reshape(-1), reduction="sum")
+    if scale is None:
+        return -F.cross_entropy(apply_mask(rows, mask), y.reshape(-1), reduction="sum")
+    losses = F.cross_entropy(apply_mask(rows, mask), y.reshape(-1), reduction="none")
+    return -(losses * scale).sum()
 
 
-def squared_grads_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
-                       ) -> Params:
-    """Sum over the batch of each sample's squared gradient of log p(y|x), for any model."""
+def squared_grads_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                       scale: torch.Tensor | None = None) -> Params:
+    """Sum over the batch of each sample's squared gradient of log p(y|x), for any model
+    (times the square of the sample's `scale`, where given)."""
     params = {n: p.detach() for n, p in trainable(model).items()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def one(p: Params, xi: torch.Tensor, yi: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
+    def one(p: Params, xi: torch.Tensor, yi: torch.Tensor, mi: torch.Tensor,
+            *si: torch.Tensor) -> torch.Tensor:
         logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return _log_likelihood(logits, yi.unsqueeze(0), mi.unsqueeze(0))
+        return _log_likelihood(logits, yi.unsqueeze(0), mi.unsqueeze(0),
+                               *(s.unsqueeze(0) for s in si))
 
-    grads = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, x, y, mask)
+    extra = () if scale is None else (scale,)
+    grads = vmap(grad(one), in_dims=(None, 0, 0, 0, *(0,) * len(extra)))(params, x, y, mask,
+                                                                         *extra)
     return {n: g.pow(2).sum(0) for n, g in grads.items()}
 
 
-def squared_grads_looped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
-                         ) -> Params:
+def squared_grads_looped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                         scale: torch.Tensor | None = None) -> Params:
     """The same sum, one backward pass per sample: for models with recurrent layers, whose fused
     kernels vmap cannot batch (its fallback loops far slower than this)."""
     params = trainable(model)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for i in range(len(x)):
         logits = model(x[i:i + 1])
-        grads = torch.autograd.grad(_log_likelihood(logits, y[i:i + 1], mask[i:i + 1]),
+        part = None if scale is None else scale[i:i + 1]
+        grads = torch.autograd.grad(_log_likelihood(logits, y[i:i + 1], mask[i:i + 1], part),
                                     list(params.values()), allow_unused=True)
         for name, g in zip(params, grads, strict=True):
             if g is not None:
@@ -205,18 +216,38 @@ def squared_grads_looped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mas
     return total
 
 
-def squared_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
-                  ) -> Params:
-    """Sum over the batch of each sample's squared gradient of log p(y|x), by the fastest exact
-    route for this model. A sequence (a target per position) is one sample whose backward pass
-    already batches its tokens: looping is as fast as vmap there, without vmap's memory."""
+def squared_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                  scale: torch.Tensor | None = None) -> Params:
+    """Sum over the batch of each sample's squared gradient of log p(y|x) (times its `scale`
+    squared, where given), by the fastest exact route for this model. A sequence (a target per
+    position) is one sample whose backward pass already batches its tokens: looping is as fast
+    as vmap there, without vmap's memory."""
     if y.dim() > 1 or any(isinstance(m, nn.RNNBase) for m in model.modules()):
-        return squared_grads_looped(model, x, y, mask)
-    return squared_grads_linear(model, x, y, mask) or squared_grads_vmap(model, x, y, mask)
+        return squared_grads_looped(model, x, y, mask, scale)
+    return (squared_grads_linear(model, x, y, mask, scale)
+            or squared_grads_vmap(model, x, y, mask, scale))
 
 
-def squared_grads_linear(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
-                         ) -> Params | None:
+def expected_squared_grads(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> Params:
+    """Sum over the batch of sum_y p(y|x) (d log p(y|x))^2: every label a sample may predict,
+    weighted by its predicted probability (van de Ven et al.'s ``fisher_labels='all'``), one
+    exact pass per output unit (p times a label's squared gradient is the squared gradient of
+    sqrt(p) log p(y|x)). One prediction per sample."""
+    with torch.no_grad():
+        probs = torch.softmax(apply_mask(model(x), mask), dim=1)
+        fallback = probs.argmax(1)  # the label of a sample that may not predict the unit
+    total: Params = {}
+    for unit in mask.any(0).nonzero().flatten().tolist():
+        allowed = mask[:, unit]
+        y = torch.where(allowed, unit, fallback)
+        weight = torch.where(allowed, probs[:, unit], 0.0)
+        for name, g2 in squared_grads(model, x, y, mask, weight.sqrt()).items():
+            total[name] = total[name] + g2 if name in total else g2
+    return total
+
+
+def squared_grads_linear(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                         scale: torch.Tensor | None = None) -> Params | None:
     """The same sum without materialising per-sample gradients, when every trainable parameter
     belongs to an nn.Linear fed 2-d inputs: sample i's weight gradient is the outer product
     d_i a_i^T, so sum_i (d_i a_i^T)^2 = (d^2)^T (a^2). Returns None where that does not hold."""
@@ -236,7 +267,7 @@ def squared_grads_linear(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mas
 
     handles = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
     try:
-        total = _log_likelihood(model(x), y, mask)
+        total = _log_likelihood(model(x), y, mask, scale)
     finally:
         for h in handles:
             h.remove()
@@ -254,7 +285,7 @@ def squared_grads_linear(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mas
     return result
 
 
-FisherLabels = Literal["sampled", "empirical", "predicted"]
+FisherLabels = Literal["sampled", "empirical", "predicted", "all"]
 
 
 def _fisher_targets(model: nn.Module, batch: Batch, mask: torch.Tensor, labels: FisherLabels,
@@ -285,7 +316,9 @@ def diagonal_fisher(ctx: TrainContext, task_index: int, samples: int | None,
     Hsu et al. 2018's cheaper minibatch estimate: the mean over shuffled minibatches b of
     |b| * (mean gradient over b)^2, which equals the per-sample Fisher for B=1 and is close to
     it near a minimum. Labels: `"empirical"` the true ones, `"sampled"` drawn from the model's
-    predictive distribution (the true Fisher), `"predicted"` its argmax (Hsu et al.).
+    predictive distribution (the true Fisher, estimated), `"predicted"` its argmax (Hsu et
+    al.), `"all"` every label weighted by its predicted probability (the true Fisher's
+    expectation taken exactly, van de Ven et al.'s default; per-sample gradients only).
     """
     model = ctx.model
     fisher = {n: torch.zeros_like(p) for n, p in trainable(model).items()}
@@ -293,11 +326,15 @@ def diagonal_fisher(ctx: TrainContext, task_index: int, samples: int | None,
     with eval_mode(model):
         for b, mask in task_batches(ctx, task_index, chunk if batch == 1 else batch, samples,
                                     shuffle=batch > 1):
-            y = _fisher_targets(model, b, mask, labels, ctx.generator)
-            if batch == 1:
+            if labels == "all":
+                squared = expected_squared_grads(model, b.x, mask)
+                groups += len(b.x)
+            elif batch == 1:
+                y = _fisher_targets(model, b, mask, labels, ctx.generator)
                 squared = squared_grads(model, b.x, y, mask)
                 groups += y.numel()
             else:
+                y = _fisher_targets(model, b, mask, labels, ctx.generator)
                 mean_grad = param_grads(model, _log_likelihood(model(b.x), y, mask) / y.numel())
                 squared = {n: g.pow(2) * y.numel() for n, g in mean_grad.items()}
                 groups += 1
@@ -306,11 +343,13 @@ def diagonal_fisher(ctx: TrainContext, task_index: int, samples: int | None,
     return {name: f / groups for name, f in fisher.items()}
 
 
-def _check_fisher(samples: int | None, batch: int) -> None:
+def _check_fisher(samples: int | None, batch: int, labels: FisherLabels) -> None:
     if samples is not None and samples <= 0:
         raise ValueError(f"fisher_samples must be positive or none, got {samples}")
     if batch < 1:
         raise ValueError(f"fisher_batch must be >= 1, got {batch}")
+    if labels == "all" and batch != 1:
+        raise ValueError("fisher=all weighs each sample's own gradients: use fisher_batch=1")
 
 
 @register_strategy("ewc", family="regularization", reference="Kirkpatrick et al. 2017")
@@ -322,17 +361,25 @@ class EWC(Quadratic):
 
     `lam` trades plasticity for stability. The Fisher is estimated after each task from
     `fisher_samples` training samples (none: all; more is more accurate and slower) with
-    `fisher` labels ("sampled" is the true Fisher, "empirical" uses the true labels, "predicted"
-    the argmax as Hsu et al. 2018) and `fisher_batch` samples per gradient (1: the exact
-    per-sample Fisher; >1: Hsu et al.'s faster minibatch estimate).
+    `fisher` labels ("sampled" is the true Fisher, one label drawn per sample; "all" its exact
+    expectation over every label weighted by the predicted probability, as van de Ven et al.'s
+    code computes it, one backward pass per label; "empirical" uses the true labels;
+    "predicted" the argmax as Hsu et al. 2018) and `fisher_batch` samples per gradient (1: the
+    exact per-sample Fisher; >1: Hsu et al.'s faster minibatch estimate).
     """
 
     def __init__(self, *, lam: float = 1000.0, fisher: FisherLabels = "sampled",
                  fisher_samples: int | None = 1024, fisher_batch: int = 1) -> None:
         super().__init__(lam, gamma=None)
-        _check_fisher(fisher_samples, fisher_batch)
+        _check_fisher(fisher_samples, fisher_batch, fisher)
         self.fisher_labels, self.fisher_samples, self.fisher_batch = (
             fisher, fisher_samples, fisher_batch)
+
+    def refuses(self, scenario: Scenario) -> str | None:
+        if self.fisher_labels == "all" and not isinstance(scenario.objective, Classification):
+            return ("fisher=all takes a backward pass per label, and here a label is a token of "
+                    "a whole vocabulary; use fisher=sampled")
+        return None
 
     @property
     def fisher(self) -> Params:
@@ -374,10 +421,21 @@ class SI(Quadratic):
     the importance of parameters that barely moved (larger: smaller, steadier importances).
     Besides Omega and the anchor it keeps w, the task's starting parameters and two per-step
     buffers (the gradient and the pre-step parameters), all counted in ``state_bytes``.
+
+    `clip` clips every element of the gradient (the penalty's included) to [-clip, clip] before
+    the step, as Mammoth's SI does (``clip_grad_value_``, 1.0); the path integral still reads
+    the unclipped task gradient and the step actually taken. Neither Zenke et al.'s nor van de
+    Ven et al.'s code clips (none, the default).
     """
 
-    def __init__(self, *, lam: float = 600.0, xi: float = 0.1) -> None:
+    LATER_HPARAMS = ("clip",)
+
+    def __init__(self, *, lam: float = 600.0, xi: float = 0.1, clip: float | None = None
+                 ) -> None:
         super().__init__(lam, gamma=1.0)
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be > 0 or none, got {clip}")
+        self.clip = clip
         if not xi > 0:
             raise ValueError(f"xi must be > 0, got {xi}")
         self.xi = xi
@@ -399,6 +457,8 @@ class SI(Quadratic):
                 self.grad[name].copy_(p.grad)
                 self.before[name].copy_(p.detach())
         super().after_backward(ctx, batch)
+        if self.clip is not None:
+            nn.utils.clip_grad_value_(trainable(ctx.model).values(), self.clip)
 
     def after_step(self, ctx: TrainContext, batch: Batch) -> None:
         for name, p in ctx.model.named_parameters():

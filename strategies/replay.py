@@ -14,7 +14,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import nnls
 
 from cfbench.memory import Memory, Selection, batch_samples
 from cfbench.registry import register_strategy
@@ -315,6 +314,8 @@ def gem_dual(G: torch.Tensor, g: torch.Tensor, margin: float) -> np.ndarray:
     b = -(R margin + Q'g), which scipy's active-set NNLS solves exactly (to round-off). No
     diagonal regularisation is needed, even when past gradients are linearly dependent.
     """
+    from scipy.optimize import nnls  # slow to import, and only GEM needs it
+
     q, r = torch.linalg.qr(G.double().T)
     b = -(r.sum(1) * margin + q.T @ g.double())
     w, _ = nnls(r.cpu().numpy(), b.cpu().numpy())

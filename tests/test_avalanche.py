@@ -261,6 +261,39 @@ def test_the_summary_reports_each_systems_fastest_run_and_the_mean_acc_over_seed
     assert "classic" not in vs_avalanche.markdown([row])
 
 
+
+def test_stacked_runs_get_a_per_run_column_their_speedups_and_why_a_strategy_does_not_stack():
+    R = [[0.5, 0.5], [1.0, 0.0], [0.5, 0.7]]
+
+    def run(system: str, strategy: str, total: float, **extra) -> dict:
+        return {"system": system, "strategy": strategy, "seed": 0, "train_s": total - 1.0,
+                "eval_s": 1.0, "total_s": total, "acc": 0.6, "R": R, **extra}
+
+    runs = [run("cfbench", "naive", 4.0), run("avalanche-tensors", "naive", 20.0),
+            run(vs_avalanche.STACKED, "naive", 2.0, stacked_runs=10, acc_sd=0.01),
+            run("cfbench", "agem", 5.0), run("avalanche-tensors", "agem", 25.0),
+            {"system": vs_avalanche.STACKED, "strategy": "agem", "seed": 0,
+             "not_stacked": "strategy 'agem' has no batched form"}]
+    naive, agem = vs_avalanche.summarise(runs, ["naive", "agem"])
+    assert naive["speedup"] == {"avalanche-tensors": 5.0}
+    assert naive["stacked_speedup"] == {"avalanche-tensors": 10.0}
+    assert naive[vs_avalanche.STACKED]["same_as_single"]
+    assert "stacked_speedup" not in agem
+    table = vs_avalanche.markdown([naive, agem], "PermutedMNIST")
+    assert ("| strategy | cfbench s (train + eval) | cfbench stacked x10, per run s (train + "
+            "eval) | Avalanche (our tensors) s (train + eval) | speedup (single / stacked) |"
+            ) in table
+    assert "| naive | 4.0 (3.0 + 1.0) | 2.0 (1.0 + 1.0) | 20.0 (19.0 + 1.0) | 5.0x / 10.0x | " \
+           "60.0 | 60.0 ± 1.0 | 60.0 |" in table
+    assert "| agem | 5.0 (4.0 + 1.0) | — | 25.0 (24.0 + 1.0) | 5.0x / — | 60.0 | — | 60.0 |" \
+           in table
+    assert table.endswith("agem does not stack: strategy 'agem' has no batched form")
+    # A stacked job whose first seed is not its single run's says so.
+    runs[2]["R"] = [[0.5, 0.5], [1.0, 0.0], [0.5, 0.6]]
+    (naive,) = vs_avalanche.summarise(runs[:3], ["naive"])
+    assert "naive: the stacked job's first seed differs from its single run" in \
+        vs_avalanche.markdown([naive])
+
 @pytest.mark.mnist
 def test_the_classic_feed_is_avalanches_split_mnist_on_cfbenchs_files(
         mnist_root, tmp_path, monkeypatch):
@@ -315,4 +348,32 @@ def test_the_quick_benchmark_runs_cfbench_and_both_avalanche_feeds(mnist_root):
     for system in ("cfbench", "avalanche-classic", "avalanche-tensors"):
         assert f"naive seed 0 {system}:" in done.stderr
     after = vs_avalanche.OUT.stat().st_mtime_ns if vs_avalanche.OUT.exists() else None
+    assert after == before  # --quick writes no results
+
+
+@pytest.mark.mnist
+def test_the_quick_small_batch_benchmark_runs_both_scenarios_and_a_stacked_job(mnist_root):
+    out = vs_avalanche.WORKLOADS["small-batch"].out
+    before = out.stat().st_mtime_ns if out.exists() else None
+    done = subprocess.run([sys.executable, "-m", "benchmarks.vs_avalanche", "--workload",
+                           "small-batch", "--quick", "--strategies", "naive", "--stack", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tables = done.stdout.split("Permuted MNIST, domain setting")
+    assert len(tables) == 2 and "Split MNIST, class setting" in tables[0]
+    for table, classic, low, high in ((tables[0], "SplitMNIST", 40, 60),
+                                      (tables[1], "PermutedMNIST", 70, 100)):
+        assert (f"| strategy | cfbench s (train + eval) | cfbench stacked x2, per run s (train + "
+                f"eval) | Avalanche (classic {classic}) s (train + eval) | speedup (single / "
+                f"stacked) |") in table
+        row = next(line for line in table.splitlines() if line.startswith("| naive |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(c.count("x") == 2 and " / " in c for c in (cells[4], cells[6]))
+        accs = [float(c.split(" ± ")[0]) for c in cells[7:]]
+        # One seed each after 2 tasks: the class setting forgets task 1 (about 50), the domain
+        # setting keeps most of it; the two systems agree within a seed's noise.
+        assert all(low < a < high for a in accs)
+        assert max(accs) - min(accs) < 5
+        assert "differs from its single run" not in table
+    after = out.stat().st_mtime_ns if out.exists() else None
     assert after == before  # --quick writes no results

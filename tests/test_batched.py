@@ -74,6 +74,10 @@ def assert_same_runs(single: list[RunRecord], batch: list[RunRecord],
             assert many.cost[key] == one.cost[key], key
         assert many.cost["stacked_runs"] == len(batch) and "stacked_runs" not in one.cost
         assert many.metrics == pytest.approx(one.metrics, abs=1e-6)
+        assert [len(c) for c in many.curves["train_loss"]] == [
+            len(c) for c in one.curves["train_loss"]]  # each member its own loss curve
+        assert sum(many.curves["train_loss"], []) == pytest.approx(
+            sum(one.curves["train_loss"], []), abs=1e-6)
         assert p1.keys() == pk.keys()
         for name in p1:
             torch.testing.assert_close(pk[name], p1[name], atol=1e-5, rtol=0)

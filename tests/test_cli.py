@@ -4,6 +4,7 @@ answered by one line on stderr, exit code 2, and nothing written."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_show_and_leaderboard_read_the_records_back(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert run_id in shown and "t=5" in shown and "split-digits / task / naive" in shown
     assert main(["leaderboard", "--records", str(out), "--format", "csv"]) == 0
-    table = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    table = capsys.readouterr().out.splitlines()  # the CSV alone: header, then rows
     assert table[0].startswith("scenario,setting,strategy,hparams,protocol,acc")
     assert table[1].startswith("split-digits,task,naive,")
     # A leaderboard written next to the records is not mistaken for a run the next time.
@@ -127,6 +128,17 @@ BAD_INPUTS = {
                                    "--tasks does not apply"),
     "missing plugin": (["--strategy", "naive", "--plugin", "nowhere.py"],
                        "plugin file nowhere.py does not exist"),
+    "unknown protocol field": (["--strategy", "naive", "--protocol", "clas_scope=all"],
+                               "unknown protocol field 'clas_scope'; valid: model, epochs"),
+    "protocol without a value": (["--strategy", "naive", "--protocol", "class_scope"],
+                                 "bad --protocol 'class_scope': write KEY=VALUE"),
+    "bad protocol value": (["--strategy", "naive", "--protocol", "init=he"],
+                           "bad --protocol init=he: unknown init 'he'"),
+    "protocol field set twice": (["--strategy", "naive", "--lr", "0.1", "--protocol",
+                                  "lr=0.2"], "protocol field 'lr' is set twice"),
+    "protocol setting a model cannot be scored in": (
+        ["--strategy", "naive", "--setting", "domain", "--protocol", "also_evaluate=class"],
+        "a domain-setting model cannot be scored in the class setting"),
 }
 
 
@@ -179,6 +191,33 @@ def test_show_unknown_run_is_exit_2(tmp_path, capsys):
     assert "no run with id 'deadbeef'" in capsys.readouterr().err
 
 
+def test_show_finds_a_run_in_the_usual_folders_and_prints_it_as_the_tables_do(
+        tmp_path, monkeypatch, capsys):
+    """After `make leaderboard` (records in results/quick-look/runs) `show ID` needs no folder;
+    the same run recorded twice is shown from its newest record; numbers read as the
+    leaderboard's: percent and seconds with the tables' decimals, sizes in MB."""
+    monkeypatch.chdir(tmp_path)
+    run = [*DIGITS, "--setting", "task", "--strategy", "naive", "--iterations", "5"]
+    assert main([*run, "--out", "results/quick-look/runs"]) == 0
+    assert main(run) == 0  # the same run again, into the default folder
+    (run_id,) = {p.stem for p in Path("results").glob("*/runs/*.json")}
+    capsys.readouterr()
+    assert main(["show", run_id[:6]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"record: results/runs/{run_id}.json (the newest; also in "
+                        "results/quick-look/runs)")
+    metrics = next(line for line in lines if line.startswith("metrics: "))
+    cost = next(line for line in lines if line.startswith("cost: "))
+    assert re.fullmatch(r"metrics: ACC \d+\.\d%, BWT -?\d+\.\d%, FWT -?\d+\.\d%, FM \d+\.\d%, "
+                        r"REM \d+\.\d%, LA \d+\.\d%, drift \S+", metrics), metrics
+    assert re.fullmatch(r"cost: train s \d+\.\d, peak RSS MB \d+, GFLOPs \d+\.\d, state MB "
+                        r"\d+\.\d\d, eval s \d+\.\d, steps 25", cost), cost
+    assert all(re.fullmatch(r"t=\d +( +\d+\.\d)+", line) for line in lines if line[:2] == "t=")
+    assert main(["show", run_id, "--records", "results/quick-look/runs"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == \
+        f"record: results/quick-look/runs/{run_id}.json"
+
+
 def test_help_lists_the_commands():
     proc = cli("--help")
     assert proc.returncode == 0
@@ -226,6 +265,26 @@ def test_data_fetch_medmnist_without_its_package_is_one_line(tmp_path, capsys, m
     assert main(["data", "fetch", "medmnist", "--size", "64", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install medmnist" in err and "pathmnist_64.npz" in err
+
+
+def test_any_protocol_field_and_a_per_seed_sequence_from_the_command_line(
+        digits_root, tmp_path):
+    """A class-setting protocol run from the command line trains as asked (unmasked, Adam's
+    state kept), not silently with masked logits; the same field as a sweep file sets it."""
+    base = ["run", "--scenario", "split-digits", "--setting", "class", "--strategy", "naive",
+            "--iterations", "5", "--data-root", str(digits_root), "--quiet", "--seeds", "2",
+            "--scenario-seed", "seed"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "set"), "--protocol", "class_scope=all",
+                 "--protocol", "reset_optimizer=false", "--protocol", "also_evaluate=task"]) == 0
+    plain = {r.config["seed"]: r for r in read_records(tmp_path / "plain")}
+    records = {r.config["seed"]: r for r in read_records(tmp_path / "set")}
+    for seed, record in records.items():
+        protocol = record.config["protocol"]
+        assert (protocol["class_scope"], protocol["reset_optimizer"],
+                protocol["also_evaluate"]) == ("all", False, ["task"])
+        assert record.config["scenario_seed"] == seed
+        assert "R@task" in record.matrices and record.R != plain[seed].R
 
 
 def test_batch_seeds_gives_the_records_of_seed_by_seed_runs(digits_root, tmp_path, capsys):

@@ -246,6 +246,15 @@ def test_fetch_skips_a_failing_source_and_installs_from_the_next(toy, tmp_path):
     assert len(scratches) == 1 and not scratches[0].exists()  # scratch space is cleaned up
 
 
+def test_fetch_names_the_source_that_worked_and_keeps_quiet_about_those_that_failed(
+        toy, tmp_path, capsys):
+    sources = (failing("mirror A", "Name or service not known"), serving("mirror B", TOY_FILES))
+    data.fetch(toy, tmp_path, progress=True, sources=sources)
+    err = capsys.readouterr().err
+    assert "toy: fetched from mirror B\n" in err
+    assert "mirror A" not in err and "Name or service" not in err and "Error" not in err
+
+
 def test_fetch_does_not_call_the_sources_when_the_dataset_is_present(toy, tmp_path):
     write_dataset(tmp_path / toy)
     sources = (serving("mirror A", with_one_byte_changed(TOY_FILES, "t10k-labels-idx1-ubyte")),)

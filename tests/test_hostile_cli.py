@@ -83,7 +83,7 @@ CASES = {
     "no command": Case([], "required: command (see `cfbench --help`)"),
     "sweep without file": Case(["sweep"], "required: file"),
     "scenario seed -1": Case([*DIGITS, "--scenario-seed", "-1"],
-                             "argument --scenario-seed: expected a non-negative integer"),
+                             "argument --scenario-seed: expected a seed >= 0 or 'seed', got '-1'"),
     # Outputs are checked before anything trains.
     "out is a file": Case([*DIGITS, "--out", "{tmp}/taken"], "--out {tmp}/taken is a file",
                           a_file("taken")),

@@ -151,15 +151,12 @@ def inert_latex(text: str) -> str | None:
 
 def inert_csv(text: str) -> str | None:
     lines = text.splitlines()
-    comments = [line for line in lines if line.startswith("#")]
     try:
-        table = pd.read_csv(io.StringIO(text), comment="#")
+        table = pd.read_csv(io.StringIO(text))
     except pd.errors.ParserError as exc:
         return f"the table does not parse: {exc}"
-    if len(lines) != len(comments) + 1 + len(table):
-        return "a field spans lines"
-    if lines[:len(comments)] != comments:
-        return "a stray line among the comments"
+    if len(lines) != 1 + len(table):
+        return "a field spans lines, or a line is not a row"
     cells = [c for column in table for c in table[column] if isinstance(c, str)]
     if any(c.startswith(("=", "+", "-", "@")) for c in cells):
         return "a cell a spreadsheet would run as a formula"
@@ -287,6 +284,9 @@ CASES: dict[str, Case] = {
     "record: schema version missing": Case(board(changed("schema_version", None,
                                                          delete=True)), bad("schema")),
     "record: matrices a string": Case(board(changed("matrices", "x")), bad("'matrices'")),
+    "record: curves a list": Case(board(changed("curves", [1])), bad("'curves'")),
+    "record: a curve of text": Case(board(changed("curves", {"train_loss": [["low"]]})),
+                                    bad("'curves.train_loss'")),
     "show: a malformed record": Case(show("fedcba98", changed("R", "x")), bad("'R'")),
     "store: a malformed row": Case(stored(json.dumps(changed("metrics", None))),
                                    ("runs.db", "fedcba9876543210", "'metrics'")),

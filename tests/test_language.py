@@ -98,6 +98,6 @@ def test_the_plots_add_learning_against_forgetting(fine_tuned, tmp_path):
 
     records = list(fine_tuned.values())
     written = plot_all(records, summarize(records), tmp_path)
-    (pngs,) = written.values()
-    assert any(p.name.endswith("-learning-forgetting.png") and p.stat().st_size > 10_000
-               for p in pngs)
+    (figures,) = written.values()
+    assert any(f.png.name.endswith("-learning-forgetting.png") and f.png.stat().st_size > 10_000
+               for f in figures)

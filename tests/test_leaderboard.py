@@ -6,6 +6,7 @@ Most tests build synthetic run records, so every expected number is known by han
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -33,7 +34,7 @@ from cfbench.leaderboard import (
     summarize,
     welch_p,
 )
-from cfbench.plots import pareto_front, plot_all
+from cfbench.plots import MIN_SPAN, Figure, pareto_front, plot_all, styles
 from cfbench.records import RunRecord
 
 T_975_2 = 4.302652729911275  # Student t quantile, 0.975, 2 degrees of freedom
@@ -308,10 +309,7 @@ def test_markdown_has_a_block_per_setting_sorted_by_acc(board):
 
 def test_csv_parses_with_numeric_columns(board):
     text = rendered(board, "csv")
-    comments = [line for line in text.splitlines() if line.startswith("#")]
-    assert "# produced by: cfbench leaderboard --format md" in comments
-    assert f"# {caption('cfbench')}" in comments
-    table = pd.read_csv(io.StringIO(text), comment="#")
+    table = pd.read_csv(io.StringIO(text))
     assert len(table) == 7
     for column in ("acc", "acc std", "acc ci", "bwt", "train_seconds", "peak_rss_mb",
                    "train_gflops", "state_mb", "seeds"):
@@ -364,7 +362,7 @@ def test_text_table_names_strategies_and_marks(board):
 # --- plots ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def board_files(board, tmp_path_factory) -> tuple[dict[tuple[str, str], list[Path]], Path]:
+def board_files(board, tmp_path_factory) -> tuple[dict[tuple[str, str], list[Figure]], Path]:
     """plot_all's figures for the board, and the HTML page embedding them."""
     records, summary, provenance = board
     out = tmp_path_factory.mktemp("board")
@@ -377,12 +375,58 @@ def board_files(board, tmp_path_factory) -> tuple[dict[tuple[str, str], list[Pat
 def test_plot_all_writes_png_and_svg_per_setting(board_files):
     plots, _ = board_files
     assert set(plots) == {("split", "task"), ("split", "class")}
-    for (scenario, setting), pngs in plots.items():
-        assert [p.name for p in pngs] == [f"{scenario}-{setting}-{k}.png" for k in KINDS]
-        for png in pngs:
-            assert_real_png(png)
-            svg = png.with_suffix(".svg").read_text()
+    for (scenario, setting), figures in plots.items():
+        assert [f.png.name for f in figures] == [f"{scenario}-{setting}-{k}.png" for k in KINDS]
+        for figure in figures:
+            assert_real_png(figure.png)
+            svg = figure.png.with_suffix(".svg").read_text()
             assert "<svg" in svg and svg.rstrip().endswith("</svg>")
+            assert figure.title.endswith(f"— {scenario}, {setting} setting")
+            assert len(figure.caption) > 80 and figure.png.stem not in figure.caption
+
+
+def svg_ticks(svg: Path, axis: str) -> list[str]:
+    """The tick labels of every `axis` ("x" or "y") in an SVG figure, panel after panel."""
+    import xml.etree.ElementTree as ET
+
+    text = "{http://www.w3.org/2000/svg}text"
+    return ["".join(t.itertext()).replace("\u2212", "-")
+            for g in ET.parse(svg).iter("{http://www.w3.org/2000/svg}g")
+            if g.get("id", "").startswith(f"{axis}tick_") for t in g.iter(text)]
+
+
+def test_25_strategies_get_25_distinct_styles_that_follow_the_strategy():
+    import itertools
+
+    names = [f"strategy {i:02d}" for i in range(25)]
+    palette = styles(names)
+    assert len({(s.colour, s.marker) for s in palette.values()}) == 25
+    colours = {s.colour[:3] for s in palette.values()}
+    # ten colours no eye confuses (tab20's pairs are a tenth of the RGB cube apart)
+    assert len(colours) == 10 and min(math.dist(a, b) for a, b in
+                                      itertools.combinations(colours, 2)) > 0.2
+    # a strategy's style depends on the set of labels, not on the order a figure lists them
+    assert styles([*reversed(names), *names[:5]]) == palette
+
+
+def test_figures_name_the_tasks_and_do_not_magnify_small_differences(tmp_path):
+    """Two strategies a fraction of a point apart: the stability axes still span MIN_SPAN
+    points and show 0 forgetting; tasks are named as the records name them."""
+    records = [*seeds("naive", [0.90, 0.91]), *seeds("ewc", [0.905, 0.915])]
+    for record in records:
+        record.tasks = [{"name": "MNIST"}, {"name": "Fashion"}]
+    (figures,) = plot_all(records, summarize(records), tmp_path).values()
+    svg = {f.png.stem.rsplit("-", 1)[-1]: f.png.with_suffix(".svg") for f in figures}
+    assert svg_ticks(svg["R"], "x") == ["MNIST", "Fashion"] * 2  # a panel per strategy
+    assert svg_ticks(svg["R"], "y")[:3] == ["untrained", "MNIST", "Fashion"]
+    assert svg_ticks(svg["curves"], "x")[:3] == ["untrained", "MNIST", "Fashion"]
+    la = [float(t) for t in svg_ticks(svg["stability"], "x")]
+    fm = [float(t) for t in svg_ticks(svg["stability"], "y")]
+    assert max(la) - min(la) >= MIN_SPAN * 0.6 and 0.0 in fm, (la, fm)
+    # records without task names: numbered
+    other = seeds("naive", [0.5, 0.6])
+    (figures,) = plot_all(other, summarize(other), tmp_path / "unnamed").values()
+    assert svg_ticks(figures[0].png.with_suffix(".svg"), "x") == ["task 1", "task 2"]
 
 
 def test_pareto_front_keeps_the_undominated_points():
@@ -437,6 +481,33 @@ def test_leaderboard_command_writes_every_format_and_the_plots(grid, tmp_path, c
     page = (out / "leaderboard.html").read_text()
     assert page.count("<table class='board'>") == 1
     assert page.count("src='data:image/png;base64,") == 4
+
+
+def test_csv_opens_with_default_readers_and_provenance_sits_beside_it(grid, tmp_path, capsys):
+    """pandas.read_csv and the csv module, with no options, read the header and one row per
+    strategy; the caption and provenance are in leaderboard.meta.json (and the JSON format)."""
+    out = tmp_path / "board"
+    assert main(["leaderboard", "--records", str(grid), "--format", "csv", "--format", "json",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {out / name}" for name in
+        ("leaderboard.csv", "leaderboard.meta.json", "leaderboard.json")]
+    table = pd.read_csv(out / "leaderboard.csv")
+    assert list(table.columns[:6]) == ["scenario", "setting", "strategy", "hparams",
+                                       "protocol", "acc"]
+    assert sorted(table["strategy"]) == ["ewc", "naive"] and set(table["seeds"]) == {2}
+    with open(out / "leaderboard.csv", newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    assert header == list(table.columns)
+    assert sorted(row[2] for row in rows) == ["ewc", "naive"]
+    assert all(len(row) == len(header) for row in rows)
+    meta = json.loads((out / "leaderboard.meta.json").read_text())
+    full = json.loads((out / "leaderboard.json").read_text())
+    assert meta["caption"] == caption("cfbench") == full["caption"]
+    assert meta["convention"] == "cfbench"
+    assert meta["provenance"]["command"] == (f"cfbench leaderboard --records {grid} --format csv "
+                                             f"--format json --out {out}")
+    assert meta["provenance"]["run_commands"] == full["provenance"]["run_commands"] != []
 
 
 def test_convention_flag_reaches_caption_and_numbers(grid, capsys):
@@ -521,7 +592,7 @@ def board_table(driver, setting: str):
 
     return driver.find_element(
         By.XPATH, f"//h3[normalize-space()='{setting} setting']"
-                  "/following-sibling::table[@class='board'][1]")
+                  "/following-sibling::div[1]/table[@class='board']")
 
 
 def column(table, name: str) -> tuple[Any, list[str]]:
@@ -531,12 +602,28 @@ def column(table, name: str) -> tuple[Any, list[str]]:
     headers = table.find_elements(By.CSS_SELECTOR, "thead th")
     index = [h.text for h in headers].index(name)
     rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
-    return headers[index], [r.find_elements(By.TAG_NAME, "td")[index].text for r in rows]
+    return headers[index], [r.find_elements(By.CSS_SELECTOR, "th, td")[index].text
+                            for r in rows]
+
+
+def press(header, key: str | None = None) -> None:
+    """Click the sort button of a header cell, or press `key` on it."""
+    from selenium.webdriver.common.by import By
+
+    button = header.find_element(By.TAG_NAME, "button")
+    if key is None:
+        button.click()
+    else:
+        button.send_keys(key)
+
+
+def numbers(table, name: str) -> list[float]:
+    """A column's means, top to bottom."""
+    return [float(c.split(" ± ")[0]) for c in column(table, name)[1]]
 
 
 def acc_values(table) -> list[float]:
-    _, cells = column(table, "ACC")
-    return [float(c.split(" ± ")[0]) for c in cells]
+    return numbers(table, "ACC")
 
 
 def test_html_page_sorts_by_clicked_column_in_a_browser(browser, board_files, tmp_path):
@@ -553,10 +640,11 @@ def test_html_page_sorts_by_clicked_column_in_a_browser(browser, board_files, tm
         initial = acc_values(table)
         assert initial == sorted(initial, reverse=True) and len(set(initial)) == len(initial)
         header, _ = column(table, "ACC")
-        header.click()
+        assert header.get_attribute("aria-sort") == "descending"  # as the page opens
+        press(header)
         assert acc_values(table) == sorted(initial)
         assert header.get_attribute("aria-sort") == "ascending"
-        header.click()
+        press(header)
         assert acc_values(table) == sorted(initial, reverse=True)
         assert header.get_attribute("aria-sort") == "descending"
         _, names = column(table, "strategy")
@@ -564,10 +652,104 @@ def test_html_page_sorts_by_clicked_column_in_a_browser(browser, board_files, tm
     loaded = browser.execute_script(
         "return Array.from(document.images).map(function (i) { return i.naturalWidth; });")
     assert len(loaded) == 2 * len(KINDS) and all(w > 0 for w in loaded), loaded
+    captions = [c.text for c in browser.find_elements(By.TAG_NAME, "figcaption")]
+    assert len(captions) == len(loaded)
+    assert captions[0].startswith("Accuracy matrix R — split, class setting. Each strategy's")
+    assert not any("split-class" in c or "split-task" in c for c in captions)  # no file stems
     shot = tmp_path / "page.png"
     assert browser.save_screenshot(str(shot))
     pixels = assert_real_png(shot)
     assert pixels.shape[1] >= 1000  # the window's width, not an empty frame
+
+
+def test_html_headers_sort_best_first_from_the_keyboard(browser, board_files):
+    """Tab reaches the headers; Enter or Space on one sorts best first (FM: lowest first,
+    BWT: highest first), again reverses, and aria-sort says which way."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    _, page = board_files
+    browser.get(page.as_uri())
+    table = board_table(browser, "class")
+    scroller = table.find_element(By.XPATH, "..")
+    browser.execute_script("arguments[0].focus();", scroller)
+    ActionChains(browser).send_keys(Keys.TAB).perform()
+    assert browser.switch_to.active_element.text == "strategy"
+    acc, _ = column(table, "ACC")
+    press(acc, Keys.ENTER)  # the page opens best first by ACC: now worst first
+    worst_first = numbers(table, "FM")
+    fm, _ = column(table, "FM")
+    press(fm, Keys.ENTER)
+    assert numbers(table, "FM") == sorted(worst_first) != worst_first
+    assert fm.get_attribute("aria-sort") == "ascending"
+    assert acc.get_attribute("aria-sort") is None
+    press(fm, Keys.ENTER)
+    assert numbers(table, "FM") == worst_first == sorted(worst_first, reverse=True)
+    assert fm.get_attribute("aria-sort") == "descending"
+    bwt, _ = column(table, "BWT")
+    press(bwt, Keys.SPACE)
+    assert numbers(table, "BWT") == sorted(numbers(table, "BWT"), reverse=True)
+    assert bwt.get_attribute("aria-sort") == "descending"
+    assert column(table, "strategy")[1] == BOARD["class"]  # best BWT = least forgetting here
+
+
+WIDE = [f"{name}{i}" for i in range(4) for name in ("naive", "ewc", "si", "lwf", "replay",
+                                                        "agem")] + ["der"]
+
+
+@pytest.fixture(scope="module")
+def wide_page(tmp_path_factory) -> Path:
+    """A page of 28 strategies (one with a long hyperparameter label), 3 seeds, its figures."""
+    records = [record for k, name in enumerate(WIDE)
+               for record in seeds(name, [0.5 + k / 100, 0.51 + k / 100, 0.52 + k / 100])]
+    records += seeds("ewc", [0.7, 0.71, 0.72], hparams={"lam": 1000.0, "online": "gamma=0.9"})
+    records += seeds("ewc", [0.7, 0.7, 0.72], hparams={"lam": 10.0, "online": "none"})
+    out = tmp_path_factory.mktemp("wide")
+    summary = summarize(records)
+    assert len(summary) >= 25
+    plots = plot_all(records, summary, out / "plots")
+    page = out / "leaderboard.html"
+    page.write_text(render(summary, "html", Provenance.of(records, LEADERBOARD_ARGV), "cfbench",
+                           plots))
+    return page
+
+
+@pytest.mark.parametrize("width", [1400, 800])
+def test_a_wide_board_scrolls_in_its_own_box_not_the_page(browser, wide_page, width, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(width, 1000)
+    try:
+        browser.get(wide_page.as_uri())
+        page_width, window = browser.execute_script(
+            "return [document.documentElement.scrollWidth, "
+            "document.documentElement.clientWidth];")
+        assert window >= width - 20 and page_width <= window, (page_width, window)
+        table = board_table(browser, "task")
+        scroller = table.find_element(By.XPATH, "..")
+        assert scroller.get_attribute("class") == "scroll"
+        if width == 800:  # too wide for the window: it scrolls sideways inside its box
+            assert browser.execute_script(
+                "return arguments[0].scrollWidth > arguments[0].clientWidth;", scroller)
+        browser.execute_script("arguments[0].scrollLeft = 400;", scroller)
+        names = table.find_elements(By.CSS_SELECTOR, "tbody th")
+        assert len(names) == len(WIDE) + 2
+        left = browser.execute_script(
+            "return [arguments[0].getBoundingClientRect().left, "
+            "arguments[1].getBoundingClientRect().left];", scroller, names[0])
+        assert abs(left[0] - left[1]) < 1.5, left  # the strategy column stays in view
+        # the legend and the links to each table come before the first table
+        legend = browser.find_element(By.CSS_SELECTOR, "dl.legend")
+        assert legend.location["y"] < scroller.location["y"]
+        assert "forgetting" in legend.text and "lower is better" in legend.text
+        links = [a.get_attribute("href").rsplit("#", 1)[-1]
+                 for a in browser.find_elements(By.CSS_SELECTOR, "nav a")]
+        assert table.find_element(By.XPATH, "../preceding-sibling::h3[1]").get_attribute(
+            "id") in links
+        assert browser.save_screenshot(str(tmp_path / f"wide-{width}.png"))
+    finally:
+        browser.set_window_size(1280, 1600)
 
 
 def test_tuned_runs_say_how_they_were_chosen_and_validation_scores_stay_apart():
@@ -623,3 +805,16 @@ def test_runs_under_another_protocol_are_another_row_not_more_seeds():
     assert rows["naive (epochs=1.0, precision=bf16)"] == (2, pytest.approx(71.0))
     # A strategy run under one protocol only keeps its bare name.
     assert labels(summarize(default)) == ["naive"]
+
+
+def test_rows_are_labelled_by_the_hyperparameters_that_differ_only():
+    fixed = {"fisher": "sampled", "fisher_batch": 1, "fisher_samples": 1024}
+    records = [*seeds("ewc", [0.6, 0.62], hparams={**fixed, "lam": 10.0}),
+               *seeds("ewc", [0.7], hparams={**fixed, "lam": 1000.0}),
+               *seeds("naive", [0.5])]
+    composed = seeds("ewc+replay", [0.8, 0.9])
+    for record, lam in zip(composed, (10.0, 100.0), strict=True):
+        record.config["hparams"] = {"ewc": {**fixed, "lam": lam}, "replay": {"memory": 200}}
+    assert sorted(labels(summarize(records + composed))) == [
+        "ewc (lam=10.0)", "ewc (lam=1000.0)", "ewc+replay (ewc.lam=10.0)",
+        "ewc+replay (ewc.lam=100.0)", "naive"]

@@ -7,6 +7,9 @@ test as they began.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 from cfbench import registry
 from cfbench.cli import main, parse_hparams
 from cfbench.errors import CfbenchError
+from cfbench.records import RunConfig, parse_record, read_records
 from cfbench.registry import load_plugin
 from cfbench.strategy import (
     Batch,
@@ -428,7 +432,8 @@ def test_cli_list_builtin_strategies(capsys):
     out = capsys.readouterr().out
     for name in ("naive", "joint", "ewc"):
         assert any(line.startswith(f"{name} ") for line in out.splitlines())
-    assert "lam: float = 1000.0" in out and "fisher: sampled|empirical|predicted = 'sampled'" in out
+    assert "lam: float = 1000.0" in out
+    assert "fisher: sampled|empirical|predicted|all = 'sampled'" in out
 
 
 def run_cli_error(argv: list[str], capsys) -> str:
@@ -480,19 +485,23 @@ def test_cli_list_with_no_match_exits_2(capsys):
 # 6. Entry points
 
 
-def install_dist(root: Path, dist: str, entry_point: str, module: str, source: str) -> None:
+def install_dist(root: Path, dist: str, entry_point: str, module: str, source: str,
+                 version: str = "0.1") -> None:
     """A minimal installed distribution under `root` declaring one cfbench.strategies plugin."""
-    info = root / f"{dist}-0.1.dist-info"
-    write(info / "METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    write(info / "METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     write(info / "entry_points.txt", f"[cfbench.strategies]\n{entry_point} = {module}\n")
     write(root / f"{module}.py", source)
 
 
 @pytest.fixture
 def reload_plugins(tmp_path, monkeypatch):
-    """Put `tmp_path` on sys.path and make the next lookup scan entry points again."""
+    """Put `tmp_path` on sys.path and make the next lookup scan entry points again (what it
+    finds broken is forgotten after the test)."""
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry.strategies, "_loaded", False)
+    monkeypatch.setattr(registry.strategies, "_broken", [])
+    monkeypatch.delenv(registry.DISABLE_AUTOLOAD, raising=False)
     return tmp_path
 
 
@@ -504,17 +513,115 @@ def test_entry_point_plugin_is_loaded(reload_plugins):
     assert {"naive", "joint", "ewc"} <= set(registry.strategies.names())  # built-ins kept
 
 
-def test_entry_point_that_fails_to_import_names_the_entry_point(reload_plugins):
+def test_entry_point_that_fails_to_import_is_blamed_when_its_name_is_used(reload_plugins):
     install_dist(reload_plugins, "cfbtestbad", "bad-ep", "cfb_test_bad",
                  "raise ImportError('needs libfoo')\n")
+    assert {"naive", "ewc"} <= set(registry.strategies.names())  # the rest still loads
+    [broken] = registry.strategies.broken
+    assert (broken.package, broken.entry_point, broken.error) == (
+        "cfbtestbad", "bad-ep", "ImportError: needs libfoo")
     with pytest.raises(CfbenchError) as excinfo:
-        registry.strategies.load()
-    text = error_text(excinfo)
-    assert "plugin entry point 'bad-ep = cfb_test_bad' (group cfbench.strategies)" in text
-    assert "ImportError: needs libfoo" in text
+        registry.strategies.get("bad-ep")
+    assert error_text(excinfo) == (
+        "strategy 'bad-ep' comes from plugin package cfbtestbad (entry point 'bad-ep = "
+        "cfb_test_bad', group cfbench.strategies), which failed to import: ImportError: needs "
+        "libfoo; fix or reinstall cfbtestbad, or uninstall it")
+    with pytest.raises(CfbenchError, match=r"unknown strategy 'bad-epp'.*names may be missing "
+                                           r"from plugin package cfbtestbad"):
+        registry.strategies.get("bad-epp")
 
 
-# 7. --hp parsing
+def test_disabling_autoload_skips_entry_points(reload_plugins, monkeypatch):
+    install_dist(reload_plugins, "cfbtestplug", "ep-method", "cfb_test_plug",
+                 PLUGIN.replace('"my-method"', '"ep-method"'))
+    monkeypatch.setenv(registry.DISABLE_AUTOLOAD, "1")
+    assert "ep-method" not in registry.strategies.names()
+    assert "cfb_test_plug" not in sys.modules and "naive" in registry.strategies.names()
+
+
+def cfbench(args: list[str], path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`cfbench ARGS` in a fresh process whose PYTHONPATH holds `path` (its installed
+    distributions: what `pip install` would have put on sys.path)."""
+    base = {k: v for k, v in os.environ.items() if k != registry.DISABLE_AUTOLOAD}
+    paths = os.pathsep.join(filter(None, [str(path), base.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "cfbench.cli", *args], capture_output=True,
+                          text=True, timeout=300,
+                          env={**base, "PYTHONPATH": paths, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_a_broken_plugin_package_warns_until_a_run_names_it(tmp_path, digits_root):
+    """A real installed distribution whose entry point raises on import: every command that
+    does not need it works and ends with one warning naming the package and the error; naming
+    its strategy is one error line; CFBENCH_DISABLE_PLUGIN_AUTOLOAD skips it."""
+    site = tmp_path / "site"
+    install_dist(site, "cfbench-broken", "broken-method", "cfb_test_broken",
+                 "raise ImportError('needs libfoo')\n", version="1.2")
+    warning = ("cfbench: warning: skipped plugin package cfbench-broken (entry point "
+               "'broken-method = cfb_test_broken', group cfbench.strategies), which failed to "
+               "import: ImportError: needs libfoo; fix or uninstall it, or set "
+               "CFBENCH_DISABLE_PLUGIN_AUTOLOAD=1 to skip plugin packages\n")
+
+    listed = cfbench(["list", "strategies"], site)
+    assert listed.returncode == 0 and listed.stderr == warning
+    assert "naive " in listed.stdout and "broken-method" not in listed.stdout
+
+    run = ["run", "--scenario", "split-digits", "--setting", "class", "--iterations", "2",
+           "--data-root", str(digits_root), "--out", str(tmp_path / "runs"), "--quiet"]
+    ran = cfbench([*run, "--strategy", "naive"], site)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.endswith(warning) and ran.stderr.count("\n") == 2  # the summary, it
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 1
+
+    named = cfbench([*run, "--strategy", "naive,broken-method"], site)
+    assert named.returncode == 2 and named.stdout == ""
+    assert named.stderr == (
+        "cfbench: error: strategy 'broken-method' comes from plugin package cfbench-broken "
+        "(entry point 'broken-method = cfb_test_broken', group cfbench.strategies), which "
+        "failed to import: ImportError: needs libfoo; fix or reinstall cfbench-broken, or "
+        "uninstall it\n")
+
+    quiet = cfbench(["list", "strategies", "naive"], site, CFBENCH_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith("naive ")
+
+
+# 7. Where each name comes from
+
+
+def test_every_record_names_where_its_strategies_came_from(reload_plugins, digits_root,
+                                                          capsys):
+    """Built-in, an installed package's entry point (name and version), a plugin file (path
+    and hash): in `cfbench list` and in each record's env, never in the config (run ids)."""
+    install_dist(reload_plugins, "cfbtest-plug", "ep-method", "cfb_test_plug",
+                 PLUGIN.replace('"my-method"', '"ep-method"'), version="1.2")
+    plugin = write(reload_plugins / "files" / "mine.py", PLUGIN)
+    from_file = (f"plugin file {Path(plugin).resolve()} "
+                 f"sha256:{hashlib.sha256(Path(plugin).read_bytes()).hexdigest()}")
+    from_package = "cfbtest-plug 1.2 (entry point)"
+    for name, source in [("naive", "built-in"), ("ep-method", from_package),
+                         ("my-method", from_file)]:
+        assert main(["list", "strategies", name, "--plugin", plugin]) == 0
+        assert capsys.readouterr().out.splitlines()[1].endswith(f"; source: {source}")
+
+    out = reload_plugins / "runs"
+    assert main(["run", "--scenario", "split-digits", "--setting", "class", "--iterations", "2",
+                 "--strategy", "ewc,ep-method+my-method", "--plugin", plugin, "--out", str(out),
+                 "--data-root", str(digits_root), "--quiet"]) == 0
+    records = {r.config["strategy"]: r for r in read_records(out)}
+    assert records["ewc"].env["strategy_sources"] == {"ewc": "built-in"}
+    assert records["ep-method+my-method"].env["strategy_sources"] == {
+        "ep-method": from_package, "my-method": from_file}
+    for record in records.values():
+        assert record.env["scenario_source"] == "built-in"
+        assert record.run_id == RunConfig.from_dict(record.config).run_id
+        assert "sha256" not in json.dumps(record.config)
+        # A record written before sources were kept is still read.
+        old = json.loads(record.to_json())
+        del old["env"]["strategy_sources"], old["env"]["scenario_source"]
+        assert parse_record(json.dumps(old), "old record").env == {
+            k: v for k, v in record.env.items() if not k.endswith(("_sources", "_source"))}
+
+
+# 8. --hp parsing
 
 
 def test_parse_hparams_scoped_key():

@@ -15,8 +15,8 @@ from cfbench import executors
 from cfbench.cli import main
 from cfbench.executors import RunSetup, SerialExecutor, make_jobs, run_job
 from cfbench.experiment import plan_runs
-from cfbench.records import read_records
-from cfbench.runs import PlannedRun, RunOptions, Sink, run_plan
+from cfbench.records import RunRecord, read_records
+from cfbench.runs import Outcome, PlannedRun, RunOptions, Sink, run_plan
 from tests.test_cli import CFBENCH
 from tests.test_sweep import one_thread, write  # noqa: F401 (an autouse fixture)
 from tests.test_sweep_failures import PLUGIN, assert_gone, workers_of
@@ -174,3 +174,20 @@ def test_a_timeout_beyond_the_interval_timer_is_no_limit_not_an_overflow():
     with executors._deadline(1e300):
         assert signal.getitimer(signal.ITIMER_REAL)[0] > 1e8
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_the_summary_counts_failed_and_interrupted_runs_in_the_right_number(count):
+    outcome = Outcome()
+    for i in range(count):
+        for status in ("failed", "interrupted"):
+            outcome.add(RunRecord(run_id=f"{status}{i}", config={}, status=status, error="why"))
+    lines = outcome.summary("cfbench run", "results/runs/").splitlines()
+    assert lines[0] == (f"cfbench run: 0 ok, {count} failed, {count} interrupted, 0 skipped "
+                        "(already ok in results/runs/)")
+    if count == 1:
+        assert lines[1] == "failed run:" and lines[-1] == ("1 run interrupted; `--resume` "
+                                                           "reruns it")
+    else:
+        assert lines[1] == "failed runs:" and lines[-1] == ("2 runs interrupted; `--resume` "
+                                                            "reruns them")

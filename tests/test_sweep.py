@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cfbench.cli import main
+from cfbench.errors import CfbenchError
 from cfbench.store import Store
 from cfbench.sweep import plan
 from cfbench.sweepfile import load_sweep
@@ -109,7 +110,7 @@ def test_ray_records_equal_serial(example, tmp_path, digits_root):
 
     path, serial = example
     db = tmp_path / "ray.sqlite"
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a running one
     try:
         assert main(["sweep", str(path), "--executor", "ray", "--store", str(db),
                      "--data-root", str(digits_root), "--quiet"]) == 0
@@ -120,6 +121,24 @@ def test_ray_records_equal_serial(example, tmp_path, digits_root):
     for run_id, record in remote.items():
         assert comparable(record) == comparable(serial[run_id])
         assert record.env["threads"] == 1  # resources.cpus of each task
+
+
+def test_a_sweep_file_sets_any_protocol_field_and_a_per_seed_sequence(tmp_path, digits_root):
+    """The protocol fields `cfbench run --protocol` sets, read the same way (a list is a grid
+    axis; `scenario_seed: seed` gives each training seed its own task sequence)."""
+    path = write(tmp_path, "scenarios: split-digits\nsettings: class\nstrategies: naive\n"
+                           "seeds: 2\nscenario_seed: seed\nprotocol: {iterations: 5, "
+                           "class_scope: all, init: [default, xavier], also_evaluate: task}\n")
+    runs = plan(load_sweep(path), digits_root)
+    assert len(runs) == 4
+    for run in runs:
+        c = run.config
+        assert (c.protocol.class_scope, c.protocol.also_evaluate) == ("all", ("task",))
+        assert c.scenario_seed == c.seed
+    assert {r.config.protocol.init for r in runs} == {"default", "xavier"}
+    with pytest.raises(CfbenchError, match=r"sweep.yaml:\d+: scenario_seed: expected an integer"):
+        load_sweep(write(tmp_path, path.read_text().replace("scenario_seed: seed",
+                                                            "scenario_seed: seeds")))
 
 
 def test_a_diverging_run_fails_naming_the_nonfinite_loss_and_the_others_succeed(
@@ -186,7 +205,7 @@ def test_on_an_accelerator_the_first_nonfinite_step_is_found_from_a_device_side_
     (("lam: [1, 10]", "lamda: 1"), r"sweep.yaml:7: strategies.ewc.lamda: unknown "
                                    r"hyperparameter 'lamda'.*did you mean lam"),
     (("{iterations: 5}", "{iterations: five}"), r"sweep.yaml:9: protocol.iterations: expected "
-                                                r"int \| None, got text 'five'"),
+                                                r"int \| None, got 'five'"),
     (("{iterations: 5}", "{iteration: 5}"), r"sweep.yaml:9: protocol.iteration: unknown key"),
     (("seeds: 1", "seeds: [0, 0]"), r"sweep.yaml:8: seeds: seed listed twice"),
     (("seeds: 1", "seeds: zero"), r"sweep.yaml:8: seeds: expected a number of seeds"),
@@ -234,5 +253,10 @@ def test_executor_flags_are_checked_before_anything_runs(tmp_path, digits_root, 
     assert "--workers applies to the process and ray executors" in capsys.readouterr().err
     assert main(["sweep", str(path), "--address", "auto", "--data-root", str(digits_root)]) == 2
     assert "--address names a Ray cluster" in capsys.readouterr().err
+    for flags in (["--executor", "process"], ["--executor", "ray", "--address", "auto"]):
+        assert main(["sweep", str(path), "--ray-dashboard", *flags, "--data-root",
+                     str(digits_root)]) == 2
+        assert "--ray-dashboard starts the dashboard of the local Ray instance" in \
+            capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read sweep file" in capsys.readouterr().err

@@ -195,3 +195,29 @@ def test_bad_tune_sections_are_rejected_before_anything_runs(tmp_path, digits_ro
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not db.exists() and not (tmp_path / "tuned.validation.sqlite").exists()
+
+
+def test_tune_keeps_validation_records_apart_and_a_fresh_clone_resumes_from_the_records(
+        tmp_path, digits_root, capsys):
+    """With --out, validation records go to its validation/ subfolder (a leaderboard over --out
+    never reads them); a later tune whose stores are gone (a fresh clone: records are committed,
+    SQLite files are not) reruns nothing and refills the stores from the records."""
+    path = write(tmp_path, TUNE, "tune.yaml")
+    out = tmp_path / "runs"
+    args = ["tune", str(path), "--executor", "serial", "--data-root", str(digits_root),
+            "--quiet", "--out", str(out)]
+    assert main([*args, "--store", str(tmp_path / "first.sqlite")]) == 0
+    reported = {p.stem for p in out.glob("*.json")}
+    validation = {p.stem for p in (out / "validation").glob("*.json")}
+    assert len(reported) == 2 and len(validation) == 2 and not reported & validation
+    assert reported == set(stored(tmp_path / "first.sqlite"))
+    capsys.readouterr()
+    fresh = tmp_path / "fresh.sqlite"
+    assert main([*args, "--store", str(fresh), "--resume"]) == 0
+    out_text = capsys.readouterr().out
+    assert out_text.count("0 ok, 0 failed, 0 interrupted, 2 skipped") == 2, out_text
+    assert set(stored(fresh)) == reported
+    assert set(stored(tmp_path / "fresh.validation.sqlite")) == validation
+    assert main(["leaderboard", "--records", str(out), "--format", "csv"]) == 0
+    table = capsys.readouterr().out
+    assert "ewc" in table and "validation" not in table.lower()

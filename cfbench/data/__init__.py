@@ -253,8 +253,9 @@ def fetch(name: str, root: Path, progress: bool = True,
           sources: tuple[Source, ...] | None = None) -> Path:
     """Make ``root/name`` hold the verified raw files, trying each source in turn.
 
-    Returns the dataset directory. Raises CfbenchError listing every source tried and why it
-    failed, and how to place the files by hand.
+    Returns the dataset directory and, with `progress`, says on stderr which source it came
+    from; a source that fails is silent (the next may work). Raises CfbenchError listing every
+    source tried and why it failed, and how to place the files by hand.
     """
     if name not in SOURCES:
         raise CfbenchError(f"unknown dataset '{name}'; fetchable: {', '.join(SOURCES)}")
@@ -271,9 +272,9 @@ def fetch(name: str, root: Path, progress: bool = True,
                 _install(name, found, target, progress)
             except Exception as exc:  # any failure of one source means: try the next one
                 tried.append(f"{_describe(source)}: {_one_line(exc)}")
-                if progress:
-                    print(f"{name}: {tried[-1]}; trying the next source", file=sys.stderr)
                 continue
+        if progress:
+            print(f"{name}: fetched from {_describe(source)}", file=sys.stderr)
         _load_idx_dataset.cache_clear()
         return target
     raise CfbenchError(

@@ -56,6 +56,11 @@ The same rules in cfbench's conventions (used by ``benchmarks/vs_avalanche.py``)
   task, ref_batch_size=sample_size (Avalanche draws sample_size // experiences from each).
 - GEM: cfbench ``gem`` rehearse=false (Avalanche's GEM trains on the task's data only),
   per-task memory, margin=memory_strength; Avalanche adds 1e-3 * I to the dual QP.
+- DER: cfbench ``der`` memory=mem_size alpha=alpha is Avalanche's ``DER`` strategy with
+  beta=0 (both: alpha * the mean squared error over sample x unit on a memory minibatch of
+  batch_size_mem, default the batch size). Their memories differ: cfbench's reservoir keeps
+  each sample with the logits of the step that saw it, Avalanche's class-balanced memory is
+  filled at the end of each experience with the logits then.
 
 Importing this module registers the names but imports no Avalanche; building a strategy needs
 ``avalanche-lib`` 0.6 (``pip install 'cfbench[peers]'``) and says so in one line otherwise.
