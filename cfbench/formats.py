@@ -114,18 +114,22 @@ def record_summary(record: RunRecord) -> tuple[str, str]:
 def labels(summary: pd.DataFrame) -> list[str]:
     """Strategy names, with what tells one strategy's rows in a table apart: the
     hyperparameters and the protocol fields whose values differ among them (``ewc (lam=10)``;
-    a part of a composition names its owner, ``ewc+replay (ewc.lam=10)``)."""
+    a part of a composition names its owner, ``ewc+replay (ewc.lam=10)``), and, where a table
+    holds a strategy both with values `cfbench tune` chose and without, "tuned" on the former
+    (``ewc (lam=10, tuned)``)."""
     out: dict[object, str] = {}
     for _, rows in summary.groupby(["scenario", "setting", "strategy"]):
         hparams = [{(owner, k): v for owner, part in json.loads(h).items()
                     for k, v in part.items()} for h in rows["hparams"]]
         protocols = [json.loads(p) for p in rows["protocol"]]
         differ_h, differ_p = _differing(hparams), _differing(protocols)
-        for i, strategy, own, protocol in zip(rows.index, rows["strategy"], hparams, protocols,
-                                              strict=True):
+        differ_tuned = rows["tuned"].nunique() > 1
+        for i, strategy, own, protocol, tuned in zip(rows.index, rows["strategy"], hparams,
+                                                     protocols, rows["tuned"], strict=True):
             parts = [f"{k if '+' not in strategy else f'{owner}.{k}'}={own.get((owner, k))}"
                      for owner, k in differ_h]
             parts += [f"{k}={protocol.get(k)}" for k in differ_p]
+            parts += ["tuned"] if tuned and differ_tuned else []
             out[i] = strategy + (f" ({', '.join(parts)})" if parts else "")
     return [out[i] for i in summary.index]
 
@@ -141,6 +145,19 @@ def blocks(summary: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
     summary = summary.assign(label=labels(summary))
     for (scenario, setting), block in summary.groupby(["scenario", "setting"], sort=True):
         yield scenario, setting, block.sort_values("acc", ascending=False)
+
+
+def not_run(summary: pd.DataFrame, scenario: str, setting: str) -> str | None:
+    """A sentence naming the strategies with runs in other settings of `scenario` but none in
+    `setting` (a strategy that does not apply there, or was not run), so a table never drops
+    one silently; None when there is none."""
+    of_scenario = summary[summary["scenario"] == scenario]
+    here = set(of_scenario.loc[of_scenario["setting"] == setting, "strategy"])
+    missing = sorted(set(of_scenario["strategy"]) - here)
+    if not missing:
+        return None
+    return (f"Not run in the {setting} setting (runs in other settings of {scenario}): "
+            f"{', '.join(missing)}.")
 
 
 def _header(columns: Sequence[str]) -> list[str]:
@@ -216,6 +233,9 @@ def render_text(summary: pd.DataFrame, provenance: Provenance, convention: str,
     for scenario, setting, block in blocks(summary):
         for table in _text_tables(f"{scenario} — {setting} setting", block, columns, console):
             console.print(table)
+        absent = not_run(summary, scenario, setting)
+        if absent:
+            console.print(absent)
     console.print(caption(convention))
     for line in provenance.lines():
         console.print(one_line(line), soft_wrap=True)
@@ -240,6 +260,8 @@ def render_md(summary: pd.DataFrame, provenance: Provenance, convention: str) ->
                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(map(_md, _row(row, columns))) + " |"
                 for _, row in block.iterrows()]
+        absent = not_run(summary, scenario, setting)
+        out += ["", _md(absent)] if absent else []
         out.append("")
     out += [caption(convention), ""]
     out += [f"- {_md(line)}" for line in provenance.lines()]
@@ -306,7 +328,10 @@ def render_latex(summary: pd.DataFrame, provenance: Provenance, convention: str)
             elif row["rank"] == "tied":
                 cells = [f"\\textit{{{c}}}" for c in cells]
             out.append(" & ".join(cells) + " \\\\")
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+        out += ["\\bottomrule", "\\end{tabular}"]
+        absent = not_run(summary, scenario, setting)
+        out += [f"\\par\\smallskip{{\\footnotesize {_latex_escape(absent)}}}"] if absent else []
+        out += ["\\end{table}", ""]
     return "\n".join(out) + "\n"
 
 
@@ -424,6 +449,8 @@ def render_html(summary: pd.DataFrame, provenance: Provenance, convention: str,
                       f"<td data-v='{_RANK_ORDER[row['rank']]}'>{esc(row['rank'])}</td>"]
             parts.append(f"<tr class='{esc(row['rank'])}'>" + "".join(cells) + "</tr>")
         parts.append("</tbody></table></div>")
+        absent = not_run(summary, scenario, setting)
+        parts += [f"<p class='caption'>{esc(absent)}</p>"] if absent else []
         for figure in (plots or {}).get((scenario, setting), []):
             png = figure.png.read_bytes()
             width, height = (round(_FIGURE_SCALE * n) for n in struct.unpack(">II", png[16:24]))

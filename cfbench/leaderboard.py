@@ -116,7 +116,8 @@ def configuration(record: RunRecord) -> dict[str, str]:
 
 
 def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.DataFrame:
-    """One row per successful run: config keys, metrics (%, from R) and costs."""
+    """One row per successful run: config keys, metrics (%, from R), costs, and whether
+    `cfbench tune` chose its values (`tuned`: the record carries a selection)."""
     import pandas as pd
 
     rows = []
@@ -139,8 +140,9 @@ def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> 
             "peak_gpu_mb": _scaled(c.get("peak_gpu_bytes"), 2**20),
             "train_gflops": _scaled(c.get("train_flops"), 1e9),
             "state_mb": _scaled(c.get("state_bytes"), 2**20),
+            "tuned": r.selection is not None,
         })
-    return pd.DataFrame(rows, columns=[*GROUP, "seed", *COLUMNS])
+    return pd.DataFrame(rows, columns=[*GROUP, "seed", *COLUMNS, "tuned"])
 
 
 def _scaled(value: float | None, unit: float) -> float:
@@ -171,8 +173,8 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def summarize(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.DataFrame:
-    """Per group: `<col>` mean, `<col> std`, `<col> ci` (half-width), `seeds`, and `rank`
-    ("best", "tied" or "")."""
+    """Per group: `<col>` mean, `<col> std`, `<col> ci` (half-width), `seeds`, `tuned` (any
+    of its runs was chosen by `cfbench tune`), and `rank` ("best", "tied" or "")."""
     frame = records_frame(records, convention)
     grouped = frame.groupby(GROUP, sort=True, dropna=False)
     out = grouped[list(COLUMNS)].mean()
@@ -182,6 +184,7 @@ def summarize(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.D
         out[f"{c} std"] = std[c]
         out[f"{c} ci"] = [confidence_halfwidth(s, k) for s, k in zip(std[c], n, strict=True)]
     out["seeds"] = n
+    out["tuned"] = grouped["tuned"].any()
     out = out.reset_index()
     per_seed = {key: list(g["acc"]) for key, g in grouped}
     out["rank"] = ""
@@ -203,8 +206,9 @@ def describe_selection(selection: Mapping[str, Any]) -> str:
     chosen = " ".join(f"{k}={val}" for k, val in selection["chosen"].items()) or "defaults"
     return (f"{chosen} chosen by {selection['by']} among {selection['candidates']} "
             f"candidate(s): {selection['criterion']} ({100 * selection['validation_acc']:.1f}%); "
-            f"validation = {100 * v['fraction']:g}% of each class's training data (split seed "
-            f"{v['seed']}), {tasks}; tuning seeds {selection['tuning_seeds']}")
+            f"validation = {100 * v['fraction']:g}% of each task's training data, per class in "
+            f"classification (split seed {v['seed']}), {tasks}; tuning seeds "
+            f"{selection['tuning_seeds']}")
 
 
 @dataclass

@@ -336,6 +336,19 @@ def test_json_is_strict_and_complete(board):
     assert lwf["peak_gpu_mb"] is None and lwf["seeds"] == 1
 
 
+@pytest.mark.parametrize("fmt", ["md", "text", "html", "latex"])
+def test_a_strategy_missing_from_one_setting_is_named_under_that_table(board, fmt):
+    """lwf ran in the class setting only: the task table says so (every format that has
+    prose), the class table names nothing, and it is said once."""
+    text = rendered(board, fmt)
+    line = "Not run in the task setting (runs in other settings of split): lwf."
+    assert text.count(line) == 1, text
+    assert "Not run in the class setting" not in text
+    if fmt == "md":
+        task_at, class_at = text.index("split — task setting"), text.index("split — class")
+        assert text.index(line) > task_at > class_at  # under the task table, not the class one
+
+
 def test_latex_is_booktabs_with_marks_and_escapes(board):
     text = rendered(board, "latex")
     lines = text.splitlines()
@@ -764,8 +777,9 @@ def test_tuned_runs_say_how_they_were_chosen_and_validation_scores_stay_apart():
     assert sorted(frame["scenario"]) == ["split", "split [validation]"]
     lines = Provenance.of([tuned]).lines()
     assert ("hyperparameters: ewc.lam=100 chosen by cfbench tune sweep.yaml among 3 "
-            "candidate(s): mean final validation ACC (91.2%); validation = 10% of each class's "
-            "training data (split seed 0), first 3 task(s); tuning seeds [0]") in lines
+            "candidate(s): mean final validation ACC (91.2%); validation = 10% of each task's "
+            "training data, per class in classification (split seed 0), first 3 task(s); tuning "
+            "seeds [0]") in lines
 
 
 def test_transfer_columns_appear_for_transfer_runs_only():
@@ -818,3 +832,28 @@ def test_rows_are_labelled_by_the_hyperparameters_that_differ_only():
     assert sorted(labels(summarize(records + composed))) == [
         "ewc (lam=10.0)", "ewc (lam=1000.0)", "ewc+replay (ewc.lam=10.0)",
         "ewc+replay (ewc.lam=100.0)", "naive"]
+
+
+def tune_selection(chosen: dict[str, Any]) -> dict[str, Any]:
+    """What `cfbench tune` writes into a reported record (`cfbench.tune.selection_entry`)."""
+    return {"by": "cfbench tune", "criterion": "final ACC on validation", "candidates": 3,
+            "chosen": chosen, "validation_acc": 0.9, "tuning_seeds": [5],
+            "validation": {"fraction": 0.2, "seed": 0, "tasks": None}}
+
+
+def test_rows_whose_values_tune_chose_are_labelled_tuned():
+    """A table holding a strategy's defaults and its tuned values tells the rows apart: the
+    tuned one says so; a strategy whose every row is tuned (as in a reference table) carries
+    no marker, since there is nothing to tell apart."""
+    default = seeds("ewc", [0.6, 0.62], hparams={"lam": 1000.0})
+    tuned = seeds("ewc", [0.7, 0.72], hparams={"lam": 100.0})
+    only_tuned = seeds("lwf", [0.65])
+    for record in tuned:
+        record.selection = tune_selection({"lam": 100.0})
+    only_tuned[0].selection = tune_selection({"alpha": 1.0})
+    records = default + tuned + only_tuned + seeds("naive", [0.5])
+    summary = summarize(records)
+    assert sorted(labels(summary)) == ["ewc (lam=100.0, tuned)", "ewc (lam=1000.0)",
+                                       "lwf", "naive"]
+    table = render(summary, "md", Provenance.of(records, LEADERBOARD_ARGV))
+    assert "| ewc (lam=100.0, tuned) | 71.0 ± " in table and "| ewc (lam=1000.0) | 61.0 ± " in table

@@ -41,6 +41,11 @@ def cluster():
     temp = tempfile.mkdtemp(prefix="cfbray-")  # short: Ray's socket paths live under it
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False,
             "temp_dir": temp}
+    # Ray writes the cluster's address to <RAY_TMPDIR>/ray/ray_current_cluster, where a later
+    # ray.init() would find it: kept inside the temporary directory, not the machine's /tmp/ray.
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp
+    os.makedirs(os.path.join(temp, "ray"))
     cluster = Cluster()
     try:
         cluster.add_node(**node)
@@ -48,6 +53,10 @@ def cluster():
         yield cluster
     finally:
         cluster.shutdown()
+        if before is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = before
         shutil.rmtree(temp, ignore_errors=True)
 
 

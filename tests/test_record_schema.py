@@ -21,7 +21,8 @@ from tests.test_hostile_outputs import changed, good_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "cfbench" / "schema" / "run-record.schema.json"
-COMMITTED = sorted(ROOT.glob("results/*/runs"))
+COMMITTED = sorted({p.parent for p in ROOT.glob("results/*/runs/**/*.json")})
+"""Every folder of committed records (the validation records of a tune in runs/validation)."""
 DELETE = object()
 
 SCHEMA_REJECTS: dict[str, tuple[str, Any]] = {
@@ -91,7 +92,7 @@ def test_what_cfbench_writes_is_valid():
     jsonschema.validate(json.loads(record.to_json()), record_schema())
 
 
-@pytest.mark.parametrize("folder", COMMITTED, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("folder", COMMITTED, ids=lambda p: str(p.relative_to(ROOT / "results")))
 def test_every_committed_record_is_valid(folder: Path):
     files = sorted(folder.glob("*.json"))
     assert files
