@@ -96,9 +96,12 @@ peers: $(STAMP)
 	$(BIN)/cfbench data fetch mnist
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.vs_avalanche --seeds 1 --rounds 1
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one, so its
+# fixtures are built once) of one thread each, so they do not oversubscribe the cores.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Rerun one committed record per results folder, scenario and strategy; compare run id and R
 # bitwise (about 30 CPU-minutes; WORKERS=2 halves the wall time on 2 cores).
