@@ -62,7 +62,7 @@ reference: $(STAMP)
 		status=$$?; [ $$status -le 1 ] || exit $$status; \
 	done
 	$(BIN)/cfbench leaderboard --records $(REF)/runs --plots --out $(REF) \
-		--format md --format html --format csv --format json --format latex
+		--format md --format summary --format html --format csv --format json --format latex
 
 # The transfer leaderboard in results/mnist-to-fashion (every strategy, 3 seeds; ~45 min on 2 cores).
 transfer: $(STAMP)

@@ -23,7 +23,7 @@ from cfbench.registry import load_plugin
 
 # Kept here, not imported from the modules that use them, so that --help stays free of torch.
 TEXT_CORPORA = ("fortunes", "bible-kjv", "python-docs", "python-code", "gcide")  # data/text.py
-FORMATS = ("text", "md", "csv", "json", "latex", "html")
+FORMATS = ("text", "md", "summary", "csv", "json", "latex", "html")
 EXECUTORS = ("serial", "process", "ray")
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # trackers.py
 CONVENTIONS = ("cfbench", "gem", "mammoth")
@@ -128,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", default=None, help="directory for run records (default results/runs)")
     p.add_argument("--store", default=None, metavar="FILE",
-                   help="also write each record to this SQLite results store (then --resume "
-                        "reads the store)")
+                   help="also write each record to this SQLite results store (--resume then "
+                        "counts a run held by the store or by --out)")
     p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                    help="per run (loading data not counted); past it the run is a failed record")
     p.add_argument("--format", choices=list(FORMATS), default="text",
@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--store", default=None, metavar="FILE", help="SQLite results store")
     p.add_argument("--scenario", default=None, help="only this scenario")
     p.add_argument("--format", action="append", choices=list(FORMATS), default=None,
-                   help="text, md, csv, json, latex or html (repeatable; default text)")
+                   help="text, md, summary (one Markdown table: a row per strategy, a column "
+                        "per scenario and setting), csv, json, latex or html (repeatable; "
+                        "default text)")
     p.add_argument("--convention", choices=list(CONVENTIONS), default="cfbench",
                    help="metric convention: cfbench, or GEM's / Mammoth's to compare with "
                         "numbers they publish")

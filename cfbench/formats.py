@@ -40,9 +40,9 @@ if TYPE_CHECKING:
     from cfbench.plots import Figure
     from cfbench.records import RunRecord
 
-FORMATS = ("text", "md", "csv", "json", "latex", "html")
-EXTENSIONS = {"text": "txt", "md": "md", "csv": "csv", "json": "json", "latex": "tex",
-              "html": "html"}
+FORMATS = ("text", "md", "summary", "csv", "json", "latex", "html")
+EXTENSIONS = {"text": "txt", "md": "md", "summary": "summary.md", "csv": "csv", "json": "json",
+              "latex": "tex", "html": "html"}
 SHOWN = ["acc", "bwt", "fwt", "fm", "rem", "rem_source", "acc_target", "la",
          "source_ppl_before", "source_ppl_after", "source_logppl_increase", "target_ppl_before",
          "target_ppl_after", "train_seconds",
@@ -268,6 +268,30 @@ def render_md(summary: pd.DataFrame, provenance: Provenance, convention: str) ->
     return "\n".join(out) + "\n"
 
 
+def render_summary(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
+    """One Markdown table for a README: a row per strategy, a column per scenario and setting,
+    each cell ACC ± CI and its place in that column (``#1`` best, "tied" where the Welch test
+    cannot tell it from the best), "—" where the strategy has no runs; rows by mean place."""
+    columns, places, cells = [], {}, {}
+    for scenario, setting, block in blocks(summary):
+        column = f"{scenario} {setting}"
+        columns.append(column)
+        for place, (_, row) in enumerate(block.iterrows(), start=1):
+            tied = ", tied" if row["rank"] == "tied" else ""
+            cells[row["label"], column] = f"{cell(row, 'acc')} (#{place}{tied})"
+            places.setdefault(row["label"], []).append(place)
+    order = sorted(places, key=lambda label: (sum(places[label]) / len(places[label]), label))
+    out = ["| strategy | " + " | ".join(map(_md, columns)) + " |",
+           "|---|" + "---|" * len(columns)]
+    out += ["| " + " | ".join([_md(label), *(cells.get((label, c), "—") for c in columns)])
+            + " |" for label in order]
+    out += ["", f"ACC in % after the last task. {MEAN_CI} #k = place by mean ACC in its column; "
+            f"{conventions(convention)} Rows by mean place over the columns the strategy ran "
+            "in; — = no runs in that scenario and setting.", ""]
+    out += [f"- {_md(line)}" for line in provenance.lines()]
+    return "\n".join(out) + "\n"
+
+
 def _csv_cell(value: object) -> object:
     """Text on one line, and prefixed with ' where a spreadsheet would run it as a formula."""
     if not isinstance(value, str):
@@ -476,7 +500,8 @@ def render_html(summary: pd.DataFrame, provenance: Provenance, convention: str,
             f"<script>{_JS}</script></body></html>\n")
 
 
-RENDERERS = {"md": render_md, "csv": render_csv, "json": render_json, "latex": render_latex}
+RENDERERS = {"md": render_md, "summary": render_summary, "csv": render_csv, "json": render_json,
+             "latex": render_latex}
 
 
 def render(summary: pd.DataFrame, fmt: str, provenance: Provenance, convention: str = "cfbench",

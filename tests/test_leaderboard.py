@@ -336,6 +336,21 @@ def test_json_is_strict_and_complete(board):
     assert lwf["peak_gpu_mb"] is None and lwf["seeds"] == 1
 
 
+def test_the_summary_is_one_table_a_row_per_strategy_a_column_per_setting(board):
+    """The README's condensed table: ACC ± CI and the place in each column, ties said, a dash
+    where a strategy has no runs, rows ordered by mean place."""
+    lines = rendered(board, "summary").splitlines()
+    assert lines[0] == "| strategy | split class | split task |"
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")]
+                                  for line in lines[2:6])}
+    assert list(rows) == ["ewc", "ewc_online", "lwf", "naive"]  # mean places 1.5, 2, 2, 3.5
+    assert rows["ewc_online"][1] == "93.0 ± 5.0 (#1)" and rows["ewc"][1] == "92.0 ± 5.0 (#2, tied)"
+    assert rows["ewc"][0].endswith("(#1)") and rows["naive"][1] == "51.0 ± 2.5 (#3)"
+    assert rows["lwf"][1] == "—" and rows["lwf"][0].endswith("(#2)")
+    assert "#k = place by mean ACC in its column" in lines[7]
+    assert any(line.startswith("- produced by: cfbench leaderboard") for line in lines)
+
+
 @pytest.mark.parametrize("fmt", ["md", "text", "html", "latex"])
 def test_a_strategy_missing_from_one_setting_is_named_under_that_table(board, fmt):
     """lwf ran in the class setting only: the task table says so (every format that has
