@@ -204,6 +204,10 @@ def describe_selection(selection: Mapping[str, Any]) -> str:
     v = selection["validation"]
     tasks = "all tasks" if v.get("tasks") is None else f"first {v['tasks']} task(s)"
     chosen = " ".join(f"{k}={val}" for k, val in selection["chosen"].items()) or "defaults"
+    differ = {k: v for k, v in selection.get("defaults", {}).items()
+              if selection["chosen"].get(k) != v}
+    if differ:
+        chosen += f" (default {' '.join(f'{k}={v}' for k, v in differ.items())})"
     return (f"{chosen} chosen by {selection['by']} among {selection['candidates']} "
             f"candidate(s): {selection['criterion']} ({100 * selection['validation_acc']:.1f}%); "
             f"validation = {100 * v['fraction']:g}% of each task's training data, per class in "

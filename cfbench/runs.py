@@ -225,6 +225,12 @@ def run_plan(runs: Sequence[PlannedRun], sink: Sink, name: str, options: RunOpti
     stored = check_stored(runs, sink, options.resume, options.replace)
     ok = {run_id: r for run_id, r in stored.items() if r.status == "ok" and options.resume}
     sink.adopt(ok.values())
+    for run in runs:  # a run tune now chooses, recorded before (e.g. at its defaults)
+        record = ok.get(run.config.run_id)
+        if record is not None and run.selection and record.selection != run.selection:
+            record.selection = run.selection
+            with _signals_deferred():
+                sink.put(record)
     todo = {run.config.run_id: run for run in runs if run.config.run_id not in ok}
     outcome = Outcome(skipped=list(ok.values()),
                       labels={run.config.run_id: run.label() for run in runs})

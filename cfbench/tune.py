@@ -28,6 +28,7 @@ from typing import Any
 from cfbench.errors import CfbenchError
 from cfbench.records import RunConfig, RunRecord
 from cfbench.runs import PlannedRun, RunOptions, Sink, check_stored, run_plan
+from cfbench.strategy import resolve_hparams, strategy_names
 from cfbench.sweep import dry_run_table, plan
 from cfbench.sweepfile import SweepFile
 from cfbench.validation import validation_split
@@ -147,18 +148,33 @@ def select(tune: TunePlan, records: Mapping[str, RunRecord]) -> dict[str, Choice
     return choices
 
 
-def selection_entry(tune: TunePlan, choice: Choice) -> dict[str, Any]:
-    """The `selection` of a reported record: how its hyperparameters were chosen."""
+def default_values(strategy: str, point: Mapping[str, Any]) -> dict[str, Any]:
+    """The strategy's own defaults of the hyperparameters in `point` (``part.key`` in a
+    composition), so a table can show a tuned value beside the default; protocol and
+    scenario-option axes have none here."""
+    defaults, parts = resolve_hparams(strategy, {}), strategy_names(strategy)
+    found = {}
+    for key in point:
+        part, name = key.rpartition(".")[::2] if len(parts) > 1 else (parts[0], key)
+        if name in defaults.get(part, {}):
+            found[key] = defaults[part][name]
+    return found
+
+
+def selection_entry(tune: TunePlan, choice: Choice, strategy: str) -> dict[str, Any]:
+    """The `selection` of a reported record: how its hyperparameters were chosen, and the
+    strategy's defaults of the chosen keys."""
     assert tune.sweep.tune is not None
     return {"by": "cfbench tune", "criterion": CRITERION, "validation": tune.validation,
             "tuning_seeds": list(tune.sweep.tune.seeds), "candidates": choice.candidates,
-            "chosen": choice.point, "validation_acc": choice.score}
+            "chosen": choice.point, "defaults": default_values(strategy, choice.point),
+            "validation_acc": choice.score}
 
 
 def final_runs(tune: TunePlan, choices: Mapping[str, Choice]) -> list[PlannedRun]:
     """The reported runs: each group's chosen point on the report seeds, with the selection
     their records carry."""
-    return [dataclasses.replace(r, selection=selection_entry(tune, choice))
+    return [dataclasses.replace(r, selection=selection_entry(tune, choice, r.config.strategy))
             for r in tune.report
             if (choice := choices[group_key(r.config)]).candidate == candidate_key(r.config)]
 

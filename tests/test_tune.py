@@ -122,6 +122,7 @@ def test_tune_chooses_on_validation_and_reports_the_choice_on_other_seeds(
         assert "validation" not in r.config and len(r.R[0]) == 5  # the test split, all tasks
         assert r.selection["by"] == "cfbench tune" and r.selection["tuning_seeds"] == [0]
         assert r.selection["candidates"] == 3 and r.selection["chosen"] == {"lam": chosen}
+        assert r.selection["defaults"] == {"lam": 1000.0}  # ewc's own, shown beside the choice
         assert r.selection["validation_acc"] == acc[chosen]
         assert r.selection["validation"] == {"fraction": 0.2, "seed": 0, "tasks": 3}
     assert f"split-digits/domain/ewc: lam={chosen:g}  validation ACC" in out
@@ -140,7 +141,9 @@ def test_tune_chooses_on_validation_and_reports_the_choice_on_other_seeds(
     assert f"split-digits/domain/ewc: lam={chosen:g}  validation ACC" in out
     # The leaderboard names the command that chose the values; show prints the selection.
     assert main(["leaderboard", "--store", str(db), "--format", "md"]) == 0
-    assert "runs by: cfbench tune" in capsys.readouterr().out
+    board = capsys.readouterr().out
+    assert "runs by: cfbench tune" in board
+    assert f"hyperparameters: lam={chosen:g} (default lam=1000.0) chosen by cfbench tune" in board
     assert main(["show", next(iter(reported)), "--store", str(db)]) == 0
     assert "selection: lam=" in capsys.readouterr().out
 
@@ -221,3 +224,25 @@ def test_tune_keeps_validation_records_apart_and_a_fresh_clone_resumes_from_the_
     assert main(["leaderboard", "--records", str(out), "--format", "csv"]) == 0
     table = capsys.readouterr().out
     assert "ewc" in table and "validation" not in table.lower()
+
+
+def test_a_resumed_tune_stamps_its_selection_on_runs_recorded_before(tmp_path, digits_root):
+    """A reported run already recorded without a selection (run by hand, at the defaults, or by
+    an older version) is not rerun, but its record gains the selection that chose it."""
+    import json
+
+    path = write(tmp_path, TUNE, "tune.yaml")
+    out = tmp_path / "runs"
+    args = ["tune", str(path), "--executor", "serial", "--data-root", str(digits_root),
+            "--quiet", "--out", str(out)]
+    assert main([*args, "--store", str(tmp_path / "first.sqlite")]) == 0
+    files = sorted(out.glob("*.json"))
+    selections = {f.stem: json.loads(f.read_text())["selection"] for f in files}
+    for f in files:
+        record = json.loads(f.read_text())
+        record["selection"] = None
+        f.write_text(json.dumps(record))
+    assert main([*args, "--store", str(tmp_path / "second.sqlite"), "--resume"]) == 0
+    again = {f.stem: json.loads(f.read_text())["selection"] for f in files}
+    assert again == selections and all(s is not None for s in again.values())
+    assert {k: r.selection for k, r in stored(tmp_path / "second.sqlite").items()} == selections
