@@ -285,7 +285,7 @@ def render_summary(summary: pd.DataFrame, provenance: Provenance, convention: st
            "|---|" + "---|" * len(columns)]
     out += ["| " + " | ".join([_md(label), *(cells.get((label, c), "—") for c in columns)])
             + " |" for label in order]
-    out += ["", f"ACC in % after the last task. {MEAN_CI} #k = place by mean ACC in its column; "
+    out += ["", f"ACC in % after the last task. {MEAN_CI} #k = place by mean ACC in its column. "
             f"{conventions(convention)} Rows by mean place over the columns the strategy ran "
             "in; — = no runs in that scenario and setting.", ""]
     out += [f"- {_md(line)}" for line in provenance.lines()]

@@ -199,20 +199,30 @@ def summarize(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.D
     return out
 
 
-def describe_selection(selection: Mapping[str, Any]) -> str:
-    """One line for tables and logs, e.g. for a leaderboard's provenance."""
-    v = selection["validation"]
-    tasks = "all tasks" if v.get("tasks") is None else f"first {v['tasks']} task(s)"
+def describe_choice(selection: Mapping[str, Any]) -> str:
+    """What was chosen, the defaults it replaced, and its validation score, e.g.
+    ``lam=100 (default lam=1000.0), validation ACC 91.2% among 3 candidate(s)``."""
     chosen = " ".join(f"{k}={val}" for k, val in selection["chosen"].items()) or "defaults"
     differ = {k: v for k, v in selection.get("defaults", {}).items()
               if selection["chosen"].get(k) != v}
     if differ:
         chosen += f" (default {' '.join(f'{k}={v}' for k, v in differ.items())})"
-    return (f"{chosen} chosen by {selection['by']} among {selection['candidates']} "
-            f"candidate(s): {selection['criterion']} ({100 * selection['validation_acc']:.1f}%); "
-            f"validation = {100 * v['fraction']:g}% of each task's training data, per class in "
-            f"classification (split seed {v['seed']}), {tasks}; tuning seeds "
-            f"{selection['tuning_seeds']}")
+    return (f"{chosen}, validation ACC {100 * selection['validation_acc']:.1f}% among "
+            f"{selection['candidates']} candidate(s)")
+
+
+def describe_tuning(selection: Mapping[str, Any]) -> str:
+    """How the choice was made, shared by every run of one tune: command, criterion, split."""
+    v = selection["validation"]
+    tasks = "all tasks" if v.get("tasks") is None else f"first {v['tasks']} task(s)"
+    return (f"{selection['by']}: {selection['criterion']}; validation = {100 * v['fraction']:g}% "
+            f"of each task's training data, per class in classification (split seed "
+            f"{v['seed']}), {tasks}; tuning seeds {selection['tuning_seeds']}")
+
+
+def describe_selection(selection: Mapping[str, Any]) -> str:
+    """One line for a single run (`cfbench show`): the choice, then how it was made."""
+    return f"{describe_choice(selection)}; chosen by {describe_tuning(selection)}"
 
 
 @dataclass
@@ -227,8 +237,10 @@ class Provenance:
     devices: list[str]
     threads: list[int]
     run_commands: list[str] = field(default_factory=list)
+    tuning: list[str] = field(default_factory=list)
+    """How tuned runs' hyperparameters were chosen (``cfbench tune``), one line per protocol."""
     selections: list[str] = field(default_factory=list)
-    """How tuned runs' hyperparameters were chosen (``cfbench tune``), one line each."""
+    """What was chosen, one line per scenario, setting and strategy."""
 
     @classmethod
     def of(cls, records: Sequence[RunRecord], argv: Sequence[str] | None = None) -> Provenance:
@@ -242,15 +254,18 @@ class Provenance:
             cfbench=distinct("cfbench"), git_sha=distinct("git_sha"), torch=distinct("torch"),
             devices=distinct("device_name"), threads=distinct("threads"),
             run_commands=sorted({r.command for r in records if r.command}),
-            selections=sorted({describe_selection(r.selection) for r in records
-                               if r.selection}),
+            tuning=sorted({describe_tuning(r.selection) for r in records if r.selection}),
+            selections=sorted({f"{r.config['scenario']} {r.config['setting']} "
+                               f"{r.config['strategy']}: {describe_choice(r.selection)}"
+                               for r in records if r.selection}),
         )
 
     def lines(self) -> list[str]:
         lines = [f"produced by: {self.command}", f"generated: {self.generated_at} on "
                  f"{platform.node() or 'unknown host'}"]
         lines += [f"runs by: {c}" for c in self.run_commands]
-        lines += [f"hyperparameters: {s}" for s in self.selections]
+        lines += [f"hyperparameters tuned by {t}" for t in self.tuning]
+        lines += [f"chosen: {s}" for s in self.selections]
         shas = ", ".join(sha[:10] + ("-dirty" if sha.endswith("-dirty") else "")
                          for sha in self.git_sha) or "unknown"
         lines.append(f"cfbench {', '.join(self.cfbench)} (git {shas}), "

@@ -791,10 +791,11 @@ def test_tuned_runs_say_how_they_were_chosen_and_validation_scores_stay_apart():
     frame = records_frame([tuned, scored_on_validation])
     assert sorted(frame["scenario"]) == ["split", "split [validation]"]
     lines = Provenance.of([tuned]).lines()
-    assert ("hyperparameters: ewc.lam=100 chosen by cfbench tune sweep.yaml among 3 "
-            "candidate(s): mean final validation ACC (91.2%); validation = 10% of each task's "
-            "training data, per class in classification (split seed 0), first 3 task(s); tuning "
-            "seeds [0]") in lines
+    assert ("hyperparameters tuned by cfbench tune sweep.yaml: mean final validation ACC; "
+            "validation = 10% of each task's training data, per class in classification (split "
+            "seed 0), first 3 task(s); tuning seeds [0]") in lines
+    assert "chosen: split task ewc: ewc.lam=100, validation ACC 91.2% among 3 candidate(s)" \
+        in lines
 
 
 def test_transfer_columns_appear_for_transfer_runs_only():

@@ -90,4 +90,5 @@ def test_tune_on_a_language_scenario_chooses_on_validation_windows(tmp_path, lan
     capsys.readouterr()
     assert main(["leaderboard", "--records", str(out), "--format", "md"]) == 0
     table = capsys.readouterr().out
-    assert "| l2-sp |" in table and "hyperparameters: alpha=" in table  # how it was chosen
+    assert "| l2-sp |" in table  # and how its value was chosen:
+    assert "chosen: lm-general-to-code domain l2-sp: alpha=" in table

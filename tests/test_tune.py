@@ -143,7 +143,8 @@ def test_tune_chooses_on_validation_and_reports_the_choice_on_other_seeds(
     assert main(["leaderboard", "--store", str(db), "--format", "md"]) == 0
     board = capsys.readouterr().out
     assert "runs by: cfbench tune" in board
-    assert f"hyperparameters: lam={chosen:g} (default lam=1000.0) chosen by cfbench tune" in board
+    assert (f"chosen: split-digits domain ewc: lam={chosen:g} (default lam=1000.0), validation "
+            "ACC") in board
     assert main(["show", next(iter(reported)), "--store", str(db)]) == 0
     assert "selection: lam=" in capsys.readouterr().out
 
