@@ -135,7 +135,8 @@ class Sink:
         if self.store_path is not None:
             check_writable(self.store_path, "--store", directory=False)
         self._store: Store | None = None
-        self.where = f"store {self.store_path}" if self.store_path else f"{self.out}/"
+        self.where = " and ".join([*([f"{self.out}/"] if self.out is not None else []),
+                                   *([f"store {self.store_path}"] if self.store_path else [])])
 
     def stored(self) -> dict[str, RunRecord]:
         """Run id -> record of every run the sink holds, in the directory or the store (the
