@@ -21,17 +21,10 @@ from cfbench.cli import main
 from cfbench.records import RunRecord, parse_record, read_records
 from cfbench.store import Store
 from cfbench.train import _chunk_means
+from tests.test_batched import one_thread  # noqa: F401 (an autouse fixture)
 
 CFBENCH = str(Path(sys.executable).parent / "cfbench")
 ITERATIONS = 60  # more steps than curve points: each point is the mean of a chunk of steps
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_args(out: Path, root: Path, *extra: str, strategy: str = "naive") -> list[str]:
