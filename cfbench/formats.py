@@ -111,12 +111,14 @@ def record_summary(record: RunRecord) -> tuple[str, str]:
     return ", ".join(metrics), ", ".join(costs)
 
 
-def labels(summary: pd.DataFrame) -> list[str]:
+def labels(summary: pd.DataFrame, tuned_values: bool = True) -> list[str]:
     """Strategy names, with what tells one strategy's rows in a table apart: the
     hyperparameters and the protocol fields whose values differ among them (``ewc (lam=10)``;
     a part of a composition names its owner, ``ewc+replay (ewc.lam=10)``), and, where a table
     holds a strategy both with values `cfbench tune` chose and without, "tuned" on the former
-    (``ewc (lam=10, tuned)``)."""
+    (``ewc (lam=10, tuned)``). Without `tuned_values`, the values tune chose are left out, so
+    that one strategy's rows keep one name across tables that chose differently
+    (``der (memory=200)``)."""
     out: dict[object, str] = {}
     for _, rows in summary.groupby(["scenario", "setting", "strategy"]):
         hparams = [{(owner, k): v for owner, part in json.loads(h).items()
@@ -124,12 +126,17 @@ def labels(summary: pd.DataFrame) -> list[str]:
         protocols = [json.loads(p) for p in rows["protocol"]]
         differ_h, differ_p = _differing(hparams), _differing(protocols)
         differ_tuned = rows["tuned"].nunique() > 1
-        for i, strategy, own, protocol, tuned in zip(rows.index, rows["strategy"], hparams,
-                                                     protocols, rows["tuned"], strict=True):
-            parts = [f"{k if '+' not in strategy else f'{owner}.{k}'}={own.get((owner, k))}"
-                     for owner, k in differ_h]
-            parts += [f"{k}={protocol.get(k)}" for k in differ_p]
-            parts += ["tuned"] if tuned and differ_tuned else []
+        for i, strategy, own, protocol, tuned, keys in zip(
+                rows.index, rows["strategy"], hparams, protocols, rows["tuned"],
+                rows["tuned_keys"], strict=True):
+            shown = set() if tuned_values else set(json.loads(keys))
+            names = {(owner, k): k if "+" not in strategy else f"{owner}.{k}"
+                     for owner, k in differ_h}
+            parts = [f"{names[key]}={own.get(key)}" for key in differ_h
+                     if names[key] not in shown]
+            parts += [f"{k}={protocol.get(k)}" for k in differ_p
+                      if k not in shown and k.removeprefix("option.") not in shown]
+            parts += ["tuned"] if tuned and differ_tuned and tuned_values else []
             out[i] = strategy + (f" ({', '.join(parts)})" if parts else "")
     return [out[i] for i in summary.index]
 
@@ -271,23 +278,30 @@ def render_md(summary: pd.DataFrame, provenance: Provenance, convention: str) ->
 def render_summary(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
     """One Markdown table for a README: a row per strategy, a column per scenario and setting,
     each cell ACC ± CI and its place in that column (``#1`` best, "tied" where the Welch test
-    cannot tell it from the best), "—" where the strategy has no runs; rows by mean place."""
+    cannot tell it from the best), "—" where the strategy has no runs; rows by mean place.
+    A row is named without the values tune chose, which differ from column to column; where
+    that name would not be unique in a column, the full names are used."""
+    summary = summary.assign(row=labels(summary, tuned_values=False))
     columns, places, cells = [], {}, {}
     for scenario, setting, block in blocks(summary):
         column = f"{scenario} {setting}"
         columns.append(column)
+        shared = block["row"].duplicated(keep=False)
         for place, (_, row) in enumerate(block.iterrows(), start=1):
+            name = row["label"] if shared[row.name] else row["row"]
             tied = ", tied" if row["rank"] == "tied" else ""
-            cells[row["label"], column] = f"{cell(row, 'acc')} (#{place}{tied})"
-            places.setdefault(row["label"], []).append(place)
-    order = sorted(places, key=lambda label: (sum(places[label]) / len(places[label]), label))
+            cells[name, column] = f"{cell(row, 'acc')} (#{place}{tied})"
+            places.setdefault(name, []).append(place)
+    order = sorted(places, key=lambda name: (sum(places[name]) / len(places[name]), name))
     out = ["| strategy | " + " | ".join(map(_md, columns)) + " |",
            "|---|" + "---|" * len(columns)]
-    out += ["| " + " | ".join([_md(label), *(cells.get((label, c), "—") for c in columns)])
-            + " |" for label in order]
+    out += ["| " + " | ".join([_md(name), *(cells.get((name, c), "—") for c in columns)])
+            + " |" for name in order]
     out += ["", f"ACC in % after the last task. {MEAN_CI} #k = place by mean ACC in its column. "
             f"{conventions(convention)} Rows by mean place over the columns the strategy ran "
-            "in; — = no runs in that scenario and setting.", ""]
+            "in; — = no runs in that scenario and setting."
+            + (" The values `cfbench tune` chose for each cell are in the full tables."
+               if summary["tuned"].any() else ""), ""]
     out += [f"- {_md(line)}" for line in provenance.lines()]
     return "\n".join(out) + "\n"
 

@@ -117,7 +117,8 @@ def configuration(record: RunRecord) -> dict[str, str]:
 
 def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.DataFrame:
     """One row per successful run: config keys, metrics (%, from R), costs, and whether
-    `cfbench tune` chose its values (`tuned`: the record carries a selection)."""
+    `cfbench tune` chose its values (`tuned`: the record carries a selection; `tuned_keys`:
+    which)."""
     import pandas as pd
 
     rows = []
@@ -141,8 +142,9 @@ def records_frame(records: Iterable[RunRecord], convention: str = "cfbench") -> 
             "train_gflops": _scaled(c.get("train_flops"), 1e9),
             "state_mb": _scaled(c.get("state_bytes"), 2**20),
             "tuned": r.selection is not None,
+            "tuned_keys": json.dumps(sorted(tuned_keys(r.selection)) if r.selection else []),
         })
-    return pd.DataFrame(rows, columns=[*GROUP, "seed", *COLUMNS, "tuned"])
+    return pd.DataFrame(rows, columns=[*GROUP, "seed", *COLUMNS, "tuned", "tuned_keys"])
 
 
 def _scaled(value: float | None, unit: float) -> float:
@@ -174,7 +176,8 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
 
 def summarize(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.DataFrame:
     """Per group: `<col>` mean, `<col> std`, `<col> ci` (half-width), `seeds`, `tuned` (any
-    of its runs was chosen by `cfbench tune`), and `rank` ("best", "tied" or "")."""
+    of its runs was chosen by `cfbench tune`), `tuned_keys` (a JSON list of the keys tune
+    chose among several values), and `rank` ("best", "tied" or "")."""
     frame = records_frame(records, convention)
     grouped = frame.groupby(GROUP, sort=True, dropna=False)
     out = grouped[list(COLUMNS)].mean()
@@ -185,6 +188,7 @@ def summarize(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.D
         out[f"{c} ci"] = [confidence_halfwidth(s, k) for s, k in zip(std[c], n, strict=True)]
     out["seeds"] = n
     out["tuned"] = grouped["tuned"].any()
+    out["tuned_keys"] = grouped["tuned_keys"].max()
     out = out.reset_index()
     per_seed = {key: list(g["acc"]) for key, g in grouped}
     out["rank"] = ""
@@ -199,14 +203,26 @@ def summarize(records: Iterable[RunRecord], convention: str = "cfbench") -> pd.D
     return out
 
 
+def tuned_keys(selection: Mapping[str, Any]) -> list[str]:
+    """The keys `cfbench tune` chose among several values (older records, which do not say,
+    count every key of their point)."""
+    return list(selection.get("grid", selection["chosen"]))
+
+
 def describe_choice(selection: Mapping[str, Any]) -> str:
-    """What was chosen, the defaults it replaced, and its validation score, e.g.
-    ``lam=100 (default lam=1000.0), validation ACC 91.2% among 3 candidate(s)``."""
+    """What was chosen, from which values, the default it replaced and its validation score,
+    e.g. ``memory=1000 lam=100 (lam from 10/100/1000, default 1000.0), validation ACC 91.2%
+    among 3 candidate(s)``."""
     chosen = " ".join(f"{k}={val}" for k, val in selection["chosen"].items()) or "defaults"
-    differ = {k: v for k, v in selection.get("defaults", {}).items()
-              if selection["chosen"].get(k) != v}
-    if differ:
-        chosen += f" (default {' '.join(f'{k}={v}' for k, v in differ.items())})"
+    defaults, grid = selection.get("defaults", {}), selection.get("grid", {})
+    notes = []
+    for key in tuned_keys(selection):
+        note = [f"{key} from {'/'.join(map(str, grid[key]))}"] if key in grid else []
+        if key in defaults and defaults[key] != selection["chosen"].get(key):
+            note.append(f"default {defaults[key]}" if note else f"default {key}={defaults[key]}")
+        notes += [", ".join(note)] if note else []
+    if notes:
+        chosen += f" ({'; '.join(notes)})"
     return (f"{chosen}, validation ACC {100 * selection['validation_acc']:.1f}% among "
             f"{selection['candidates']} candidate(s)")
 

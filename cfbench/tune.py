@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,9 @@ class Choice:
     score: float | None
     candidates: int
     ineligible: int
+    grid: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    """The axes the candidates differ on, each with its values in file order: what was tuned,
+    as opposed to values the file fixes (e.g. a replay memory)."""
 
 
 def validation_store(store: Path) -> Path:
@@ -140,12 +143,26 @@ def select(tune: TunePlan, records: Mapping[str, RunRecord]) -> dict[str, Choice
                 best = (score, candidate, runs[0].point)
         c = next(iter(candidates.values()))[0].config
         label = f"{c.scenario}/{c.setting}/{c.strategy}"
+        grid = tuned_axes([runs[0].point for runs in candidates.values()])
         if best is None:
-            choices[group] = Choice(label, None, {}, None, len(candidates), ineligible)
+            choices[group] = Choice(label, None, {}, None, len(candidates), ineligible, grid)
         else:
             score, candidate, point = best
-            choices[group] = Choice(label, candidate, point, score, len(candidates), ineligible)
+            choices[group] = Choice(label, candidate, point, score, len(candidates), ineligible,
+                                    grid)
     return choices
+
+
+def tuned_axes(points: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """The keys whose value is not the same in every point, each with its distinct values in
+    order of first appearance."""
+    axes: dict[str, list[Any]] = {}
+    for point in points:
+        for key, value in point.items():
+            if value not in axes.setdefault(key, []):
+                axes[key].append(value)
+    return {key: values for key, values in axes.items()
+            if len(values) > 1 or any(key not in point for point in points)}
 
 
 def default_values(strategy: str, point: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,8 +184,8 @@ def selection_entry(tune: TunePlan, choice: Choice, strategy: str) -> dict[str, 
     assert tune.sweep.tune is not None
     return {"by": "cfbench tune", "criterion": CRITERION, "validation": tune.validation,
             "tuning_seeds": list(tune.sweep.tune.seeds), "candidates": choice.candidates,
-            "chosen": choice.point, "defaults": default_values(strategy, choice.point),
-            "validation_acc": choice.score}
+            "chosen": choice.point, "grid": choice.grid,
+            "defaults": default_values(strategy, choice.point), "validation_acc": choice.score}
 
 
 def final_runs(tune: TunePlan, choices: Mapping[str, Choice]) -> list[PlannedRun]:

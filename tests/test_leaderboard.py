@@ -351,6 +351,38 @@ def test_the_summary_is_one_table_a_row_per_strategy_a_column_per_setting(board)
     assert any(line.startswith("- produced by: cfbench leaderboard") for line in lines)
 
 
+def test_the_summary_keeps_one_row_per_memory_whatever_tune_chose_per_column():
+    """Reference tables tune der at two fixed memories in two settings and choose a different
+    alpha in each: the summary has one row per memory, not one per chosen alpha; the full
+    table still names the alpha. Where two rows of a column would share a name (records
+    that do not say which keys were tuned), the full names are kept."""
+    records = []
+    for setting, alphas in (("task", (0.3, 1.0)), ("class", (3.0, 0.1))):
+        for memory, alpha, acc in zip((200, 1000), alphas, (0.6, 0.8), strict=True):
+            runs = seeds("der", [acc, acc + 0.02], setting=setting,
+                         hparams={"memory": memory, "alpha": alpha})
+            for record in runs:
+                record.selection = {**tune_selection({"memory": memory, "alpha": alpha}),
+                                    "grid": {"alpha": [0.1, 0.3, 1.0, 3.0]}}
+            records += runs
+    provenance = Provenance.of(records, LEADERBOARD_ARGV)
+    lines = render(summarize(records), "summary", provenance).splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:4]] == ["der (memory=1000)",
+                                                                   "der (memory=200)"]
+    assert lines[4] == ""
+    assert "The values `cfbench tune` chose for each cell are in the full tables." in lines[5]
+    assert "| der (alpha=3.0, memory=200) | 61.0 ± " in render(summarize(records), "md",
+                                                                provenance)
+    assert any("class der: memory=200 alpha=3.0 (alpha from 0.1/0.3/1.0/3.0), validation ACC"
+               in line for line in lines)
+    for record in records:
+        del record.selection["grid"]  # an older record: every chosen key counts as tuned
+    lines = render(summarize(records), "summary", provenance).splitlines()
+    assert {line.split("|")[1].strip() for line in lines[2:6]} == {
+        "der (alpha=0.3, memory=200)", "der (alpha=1.0, memory=1000)",
+        "der (alpha=3.0, memory=200)", "der (alpha=0.1, memory=1000)"}
+
+
 @pytest.mark.parametrize("fmt", ["md", "text", "html", "latex"])
 def test_a_strategy_missing_from_one_setting_is_named_under_that_table(board, fmt):
     """lwf ran in the class setting only: the task table says so (every format that has

@@ -122,6 +122,7 @@ def test_tune_chooses_on_validation_and_reports_the_choice_on_other_seeds(
         assert "validation" not in r.config and len(r.R[0]) == 5  # the test split, all tasks
         assert r.selection["by"] == "cfbench tune" and r.selection["tuning_seeds"] == [0]
         assert r.selection["candidates"] == 3 and r.selection["chosen"] == {"lam": chosen}
+        assert r.selection["grid"] == {"lam": [1, 100, 10000]}
         assert r.selection["defaults"] == {"lam": 1000.0}  # ewc's own, shown beside the choice
         assert r.selection["validation_acc"] == acc[chosen]
         assert r.selection["validation"] == {"fraction": 0.2, "seed": 0, "tasks": 3}
@@ -143,8 +144,8 @@ def test_tune_chooses_on_validation_and_reports_the_choice_on_other_seeds(
     assert main(["leaderboard", "--store", str(db), "--format", "md"]) == 0
     board = capsys.readouterr().out
     assert "runs by: cfbench tune" in board
-    assert (f"chosen: split-digits domain ewc: lam={chosen:g} (default lam=1000.0), validation "
-            "ACC") in board
+    assert (f"chosen: split-digits domain ewc: lam={chosen:g} (lam from 1/100/10000, default "
+            "1000.0), validation ACC") in board
     assert main(["show", next(iter(reported)), "--store", str(db)]) == 0
     assert "selection: lam=" in capsys.readouterr().out
 
