@@ -64,6 +64,7 @@ reference: $(STAMP)
 	done
 	$(BIN)/cfbench leaderboard --records $(REF)/runs --plots --out $(REF) \
 		--format md --format summary --format html --format csv --format json --format latex
+	$(BIN)/python scripts/readme_table.py
 
 # Hsu et al. 2018's Split-MNIST table at 5 seeds per row (results/hsu2018-split-mnist; the runs
 # already there are kept, so it continues where it stopped; hours on 2 cores, the DGR rows about

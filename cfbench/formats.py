@@ -278,10 +278,12 @@ def render_md(summary: pd.DataFrame, provenance: Provenance, convention: str) ->
 def render_summary(summary: pd.DataFrame, provenance: Provenance, convention: str) -> str:
     """One Markdown table for a README: a row per strategy, a column per scenario and setting,
     each cell ACC ± CI and its place in that column (``#1`` best, "tied" where the Welch test
-    cannot tell it from the best), "—" where the strategy has no runs; rows by mean place.
-    A row is named without the values tune chose, which differ from column to column; where
-    that name would not be unique in a column, the full names are used."""
+    cannot tell it from the best), "n=k" where it has fewer seeds than the most any row has,
+    "—" where the strategy has no runs; rows by mean place. A row is named without the values
+    tune chose, which differ from column to column; where that name would not be unique in a
+    column, the full names are used."""
     summary = summary.assign(row=labels(summary, tuned_values=False))
+    most_seeds = summary["seeds"].max()
     columns, places, cells = [], {}, {}
     for scenario, setting, block in blocks(summary):
         column = f"{scenario} {setting}"
@@ -290,7 +292,8 @@ def render_summary(summary: pd.DataFrame, provenance: Provenance, convention: st
         for place, (_, row) in enumerate(block.iterrows(), start=1):
             name = row["label"] if shared[row.name] else row["row"]
             tied = ", tied" if row["rank"] == "tied" else ""
-            cells[name, column] = f"{cell(row, 'acc')} (#{place}{tied})"
+            few = f", n={row['seeds']}" if row["seeds"] < most_seeds else ""
+            cells[name, column] = f"{cell(row, 'acc')} (#{place}{tied}{few})"
             places.setdefault(name, []).append(place)
     order = sorted(places, key=lambda name: (sum(places[name]) / len(places[name]), name))
     out = ["| strategy | " + " | ".join(map(_md, columns)) + " |",
@@ -302,7 +305,7 @@ def render_summary(summary: pd.DataFrame, provenance: Provenance, convention: st
             "in; — = no runs in that scenario and setting."
             + (" The values `cfbench tune` chose for each cell are in the full tables."
                if summary["tuned"].any() else ""), ""]
-    out += [f"- {_md(line)}" for line in provenance.lines()]
+    out += [f"- {_md(line)}" for line in provenance.lines(choices=False)]
     return "\n".join(out) + "\n"
 
 

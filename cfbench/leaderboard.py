@@ -276,12 +276,14 @@ class Provenance:
                                for r in records if r.selection}),
         )
 
-    def lines(self) -> list[str]:
+    def lines(self, choices: bool = True) -> list[str]:
+        """The provenance, a line each; without `choices`, no "chosen:" line per row (for a
+        table that does not show the chosen values)."""
         lines = [f"produced by: {self.command}", f"generated: {self.generated_at} on "
                  f"{platform.node() or 'unknown host'}"]
         lines += [f"runs by: {c}" for c in self.run_commands]
         lines += [f"hyperparameters tuned by {t}" for t in self.tuning]
-        lines += [f"chosen: {s}" for s in self.selections]
+        lines += [f"chosen: {s}" for s in self.selections] if choices else []
         shas = ", ".join(sha[:10] + ("-dirty" if sha.endswith("-dirty") else "")
                          for sha in self.git_sha) or "unknown"
         lines.append(f"cfbench {', '.join(self.cfbench)} (git {shas}), "

@@ -5,6 +5,8 @@ hyperparameter or a new strategy missing from the reference fails here, not hour
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,10 @@ def test_rehearsal_runs_at_each_memory_budget_with_the_same_grids(family: str) -
         for spec, grids in sweep.strategies:
             memories = [grid["memory"] for grid in grids.values() if "memory" in grid]
             assert memories == [[memory]], f"{spec} in {sweep.path}"
+
+
+def test_the_readme_table_is_the_published_summary() -> None:
+    """The README's reference table is `results/reference/leaderboard.summary.md` verbatim
+    (`make reference` copies it with scripts/readme_table.py), so no number in it is typed."""
+    assert subprocess.run([sys.executable, str(RESULTS.parent / "scripts" / "readme_table.py"),
+                           "--check"], capture_output=True, text=True).returncode == 0
