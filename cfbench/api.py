@@ -89,20 +89,23 @@ def run(scenario: str, strategies: str | Sequence[str], *, setting: str | Sequen
     return outcome.records()
 
 
-def load_records(path: str | Path = DEFAULT_OUT, *, scenario: str | None = None,
+def load_records(path: str | Path = DEFAULT_OUT, *, scenario: str | Sequence[str] | None = None,
                  on_bad: OnBad | None = None) -> list[RunRecord]:
     """The run records in `path`: a folder of <run id>.json files (what `run` writes) or a
-    SQLite results store (a file), optionally only those of `scenario`. Each is checked
-    against the record schema; a bad one is a `CfbenchError` naming its file and field, or,
-    given `on_bad`, is passed to it and left out."""
+    SQLite results store (a file), optionally only those of `scenario` (a name or several).
+    Each is checked against the record schema; a bad one is a `CfbenchError` naming its file
+    and field, or, given `on_bad`, is passed to it and left out."""
     from cfbench.store import Store
 
     path = Path(path)
     if path.is_file():
         with Store(path) as store:
-            return store.records(scenario=scenario, on_bad=on_bad)
-    records = read_records(path, on_bad)
-    return [r for r in records if scenario is None or r.config["scenario"] == scenario]
+            one = scenario if isinstance(scenario, str) else None
+            records = store.records(scenario=one, on_bad=on_bad)
+    else:
+        records = read_records(path, on_bad)
+    wanted = {scenario} if isinstance(scenario, str) else scenario
+    return [r for r in records if wanted is None or r.config["scenario"] in wanted]
 
 
 def tabulate(records: Iterable[RunRecord] | str | Path, convention: str = "cfbench"

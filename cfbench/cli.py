@@ -150,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--records", default=None,
                         help="directory of run records (default results/runs)")
     source.add_argument("--store", default=None, metavar="FILE", help="SQLite results store")
-    p.add_argument("--scenario", default=None, help="only this scenario")
+    p.add_argument("--scenario", action="append", default=None,
+                   help="only this scenario (repeatable)")
     p.add_argument("--format", action="append", choices=list(FORMATS), default=None,
                    help="text, md, summary (one Markdown table: a row per strategy, a column "
                         "per scenario and setting), csv, json, latex or html (repeatable; "

@@ -130,7 +130,7 @@ def labels(summary: pd.DataFrame, tuned_values: bool = True) -> list[str]:
                 rows.index, rows["strategy"], hparams, protocols, rows["tuned"],
                 rows["tuned_keys"], strict=True):
             shown = set() if tuned_values else set(json.loads(keys))
-            names = {(owner, k): k if "+" not in strategy else f"{owner}.{k}"
+            names = {(owner, k): k if owner == strategy else f"{owner}.{k}"
                      for owner, k in differ_h}
             parts = [f"{names[key]}={own.get(key)}" for key in differ_h
                      if names[key] not in shown]

@@ -75,6 +75,9 @@ def test_load_records_reads_a_folder_or_a_store_and_filters_by_scenario(digits_r
     assert from_folder.to_json() == from_store.to_json()
     assert cfbench.load_records(store, scenario="split-mnist") == []
     assert cfbench.load_records(tmp_path / "runs", scenario="split-mnist") == []
+    for source in (store, tmp_path / "runs"):  # several scenarios: any of them
+        assert cfbench.load_records(source, scenario=["split-mnist", "split-digits"]) != []
+        assert cfbench.load_records(source, scenario=["split-mnist", "permuted-mnist"]) == []
 
 
 @pytest.mark.parametrize("call, message", [

@@ -877,9 +877,12 @@ def test_rows_are_labelled_by_the_hyperparameters_that_differ_only():
     composed = seeds("ewc+replay", [0.8, 0.9])
     for record, lam in zip(composed, (10.0, 100.0), strict=True):
         record.config["hparams"] = {"ewc": {**fixed, "lam": lam}, "replay": {"memory": 200}}
-    assert sorted(labels(summarize(records + composed))) == [
-        "ewc (lam=10.0)", "ewc (lam=1000.0)", "ewc+replay (ewc.lam=10.0)",
-        "ewc+replay (ewc.lam=100.0)", "naive"]
+    plus = seeds("der++", [0.8, 0.9])  # one strategy, though its name has a '+'
+    for record, alpha in zip(plus, (0.3, 1.0), strict=True):
+        record.config["hparams"] = {"der++": {"alpha": alpha, "beta": 0.5}}
+    assert sorted(labels(summarize(records + composed + plus))) == [
+        "der++ (alpha=0.3)", "der++ (alpha=1.0)", "ewc (lam=10.0)", "ewc (lam=1000.0)",
+        "ewc+replay (ewc.lam=10.0)", "ewc+replay (ewc.lam=100.0)", "naive"]
 
 
 def tune_selection(chosen: dict[str, Any]) -> dict[str, Any]:
