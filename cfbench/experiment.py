@@ -296,7 +296,8 @@ def training_scenario(config: RunConfig, data_root: Path) -> tuple[Scenario, Set
 def task_summaries(scenario: Scenario) -> list[dict[str, Any]]:
     """What a run record says about each task (the loop adds the steps it trained)."""
     return [{"name": t.name, "classes": list(t.classes), "n_train": len(t.y_train),
-             "n_test": len(t.y_test)} for t in scenario.tasks]
+             "n_test": len(t.y_test), **({"data": t.data} if t.data else {})}
+            for t in scenario.tasks]
 
 
 def initial_model(config: RunConfig, scenario: Scenario, setting: Setting,

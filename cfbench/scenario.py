@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,9 @@ class Task:
     y_test: torch.Tensor
     x_val: torch.Tensor | None = None
     y_val: torch.Tensor | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    """Where the samples came from (e.g. a text corpus, its SHA-256 and the split), copied
+    into every run record so a run names the exact data it saw."""
 
     def to(self, device: torch.device | str) -> Task:
         fields = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")

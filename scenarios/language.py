@@ -31,7 +31,14 @@ from torch import nn
 
 from cfbench import gpt
 from cfbench.charlm import load_vocab, pretrained_state, sample_windows
-from cfbench.data.text import HELDOUT_FRACTION, SPLIT_SEED, load_corpus, split_documents
+from cfbench.data.text import (
+    CORPORA,
+    HELDOUT_FRACTION,
+    HF_PREFIX,
+    SPLIT_SEED,
+    load_corpus,
+    split_documents,
+)
 from cfbench.models import TextgenrnnLM
 from cfbench.registry import register_scenario
 from cfbench.scenario import NextToken, Protocol, Scenario, Source, Task
@@ -106,9 +113,10 @@ def model_tier(lm: str, data_root: Path, span: int) -> Tier:
 def text_task(name: str, corpus: str, data_root: Path, tier: Tier,
               budgets: tuple[int, int, int], generator: torch.Generator) -> Task:
     """A task cut from `corpus`: (train, held-out, validation) budgets of targets; the
-    validation split (0: none) comes from training documents that the training spans skip."""
-    split = split_documents(load_corpus(corpus, data_root).documents, HELDOUT_FRACTION,
-                            SPLIT_SEED)
+    validation split (0: none) comes from training documents that the training spans skip.
+    The task's `data` names the corpus, its SHA-256 and the split, for the run record."""
+    text = load_corpus(corpus, data_root)
+    split = split_documents(text.documents, HELDOUT_FRACTION, SPLIT_SEED)
     train_budget, heldout_budget, val_budget = budgets
     train_texts = _texts(split.train)
     x_val = y_val = None
@@ -119,8 +127,13 @@ def text_task(name: str, corpus: str, data_root: Path, tier: Tier,
         train_texts = [train_texts[i] for i in sorted(order[cut:])]
     x_train, y_train = tier.sample(train_texts, train_budget, generator)
     x_test, y_test = tier.sample(_texts(split.heldout), heldout_budget, generator)
+    data = {"corpus": corpus, "sha256": text.sha256,
+            "split": {"by": "document", "heldout_fraction": HELDOUT_FRACTION,
+                      "seed": SPLIT_SEED, "train_documents": len(split.train),
+                      "heldout_documents": len(split.heldout)}}
     return Task(name=name, classes=tuple(range(tier.symbols)), x_train=x_train,
-                y_train=y_train, x_test=x_test, y_test=y_test, x_val=x_val, y_val=y_val)
+                y_train=y_train, x_test=x_test, y_test=y_test, x_val=x_val, y_val=y_val,
+                data=data)
 
 
 def _load_pretrained(data_root: Path, model: TextgenrnnLM) -> None:
@@ -129,22 +142,26 @@ def _load_pretrained(data_root: Path, model: TextgenrnnLM) -> None:
 
 def language_transfer(name: str, targets: tuple[str, ...], data_root: Path, seed: int,
                       train_chars: int, heldout_chars: int, span: int,
-                      lm: str = "textgenrnn") -> Scenario:
-    """General English (the pretrained source) -> the domains of `targets`, in order, with the
-    model tier `lm` (see `model_tier`)."""
-    unknown = [t for t in targets if t not in DOMAINS]
+                      lm: str = "textgenrnn", source: str = SOURCE_CORPUS) -> Scenario:
+    """General English (the pretrained source, scored on the corpus `source`) -> the domains
+    of `targets`, in order, with the model tier `lm` (see `model_tier`). A target or the
+    source may be a Hugging Face dataset, ``hf:PATH[:CONFIG]`` (`load_hf_corpus`)."""
+    unknown = [t for t in targets if t not in DOMAINS and not t.startswith(HF_PREFIX)]
     if not targets or unknown or len(set(targets)) != len(targets):
-        raise ValueError(f"targets must be distinct domains among {', '.join(DOMAINS)}, got "
-                         f"{targets}")
+        raise ValueError(f"targets must be distinct domains among {', '.join(DOMAINS)} or "
+                         f"Hugging Face datasets hf:PATH[:CONFIG], got {targets}")
+    if source not in CORPORA and not source.startswith(HF_PREFIX):
+        raise ValueError(f"source must be a corpus among {', '.join(CORPORA)} or a Hugging "
+                         f"Face dataset hf:PATH[:CONFIG], got {source!r}")
     for option, value in (("train_chars", train_chars), ("heldout_chars", heldout_chars),
                           ("span", span)):
         if value < 1:
             raise ValueError(f"{option} must be positive, got {value}")
     tier = model_tier(lm, data_root, span)
     generator = torch.Generator().manual_seed(seed)
-    tasks = [text_task("english", SOURCE_CORPUS, data_root, tier,
-                       (train_chars, heldout_chars, heldout_chars), generator)]
-    tasks += [text_task(t, DOMAINS[t], data_root, tier, (train_chars, heldout_chars, 0),
+    tasks = [text_task("english" if source == SOURCE_CORPUS else source, source, data_root,
+                       tier, (train_chars, heldout_chars, heldout_chars), generator)]
+    tasks += [text_task(t, DOMAINS.get(t, t), data_root, tier, (train_chars, heldout_chars, 0),
                         generator) for t in targets]
     return Scenario(name, tasks, tier.protocol, settings=("domain",), objective=tier.objective,
                     source=Source(load=tier.load))
@@ -153,9 +170,11 @@ def language_transfer(name: str, targets: tuple[str, ...], data_root: Path, seed
 def _register(name: str, default_targets: tuple[str, ...], shift: str) -> None:
     def factory(*, data_root: Path, seed: int, targets: tuple[str, ...] = default_targets,
                 train_chars: int = 100_000, heldout_chars: int = 8_000, span: int = 500,
-                lm: str = "textgenrnn") -> Scenario:
+                lm: str = "textgenrnn", source: str = SOURCE_CORPUS) -> Scenario:
         return language_transfer(name, tuple(targets), data_root, seed, train_chars,
-                                 heldout_chars, span, lm)
+                                 heldout_chars, span, lm, source)
+
+    factory.LATER_HPARAMS = ("source",)  # added after runs were recorded: their ids stay
 
     factory.__doc__ = (
         f"textgenrnn's pretrained character LSTM (source: general English, held-out fortunes) "
@@ -165,7 +184,10 @@ def _register(name: str, default_targets: tuple[str, ...], shift: str) -> None:
         f"names the domains ({', '.join(DOMAINS)}) in order. `lm` picks the model: "
         f"textgenrnn (tier 0), {gpt.TIER1} (tier 1: a byte-level GPT-2 pretrained on a "
         f"dictionary; budgets count bytes) or hf:NAME (tier 2: a Hugging Face causal LM; "
-        f"budgets count its tokens); tiers 1 and 2 train on blocks of {gpt.CONTEXT} tokens.")
+        f"budgets count its tokens); tiers 1 and 2 train on blocks of {gpt.CONTEXT} tokens. "
+        f"`source` is the corpus general English is scored on ({SOURCE_CORPUS}); it and "
+        f"`targets` also take Hugging Face datasets, hf:PATH[:CONFIG] (the 'text' column of "
+        f"the train split; e.g. hf:wikitext:wikitext-103-raw-v1, or a local directory).")
     register_scenario(name, family="language", settings=("domain",),
                       reference="textgenrnn (Woolf 2018) fine-tuned; forgetting as in Luo et "
                                 "al. 2023, Kalajdzievski 2024")(factory)

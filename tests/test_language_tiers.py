@@ -200,3 +200,70 @@ def test_a_hub_model_without_network_or_cache_fails_in_one_line(tier_root, tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "hf:gpt2" in err and "hf download gpt2" in err and "HF_HOME" in err
+
+
+def saved_hf_dataset(directory: Path, root: Path) -> Path:
+    """A Hugging Face dataset on disk: held-out fortunes, one JSON row {"text": ...} each."""
+    from cfbench.data.text import load_corpus, split_documents
+
+    directory.mkdir(parents=True)
+    heldout = split_documents(load_corpus("fortunes", root).documents).heldout
+    (directory / "train.jsonl").write_text(
+        "".join(json.dumps({"text": d.text}) + "\n" for d in heldout), encoding="utf-8")
+    return directory
+
+
+def test_a_hugging_face_dataset_is_the_source_and_every_task_names_its_data(tier_root,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """Offline: a model and a dataset, both Hugging Face directories built here. The source
+    task reads the dataset's rows as documents; every task's record names its corpus, the
+    corpus's SHA-256 and the document split, and a built-in corpus's SHA-256 is the pinned
+    one."""
+    import hashlib
+
+    from cfbench.data.text import CORPORA, load_hf_corpus
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = f"hf:{saved_hf_model(tmp_path / 'tiny-gpt2')}"
+    source = f"hf:{saved_hf_dataset(tmp_path / 'english', tier_root)}"
+    (config,) = plan_runs(scenario="lm-general-to-code", settings=["domain"],
+                          strategies=["naive"], hparams={}, seeds=[0],
+                          scenario_options={**SMALL, "lm": model, "source": source},
+                          protocol_overrides=TINY, data_root=tier_root)
+    record = execute(config, tier_root)
+    assert record.status == "ok", record.traceback
+    english, code = (task["data"] for task in record.tasks)
+    rows = (tmp_path / "english" / "train.jsonl").read_text().splitlines()
+    corpus = load_hf_corpus(source)
+    assert english["corpus"] == source and corpus.manifest["rows"] == len(rows)
+    assert english["sha256"] == hashlib.sha256(b"".join(
+        json.dumps({"id": str(i), "text": json.loads(row)["text"]}, ensure_ascii=False)
+        .encode() + b"\n" for i, row in enumerate(rows))).hexdigest()
+    assert english["split"]["train_documents"] + english["split"]["heldout_documents"] == \
+        len(rows)
+    assert code["corpus"] == "python-code" and code["sha256"] == CORPORA["python-code"].sha256
+    assert record.tasks[0]["name"] == source
+    # The option is left out at its default, so the committed records' run ids stay valid.
+    (default,) = plan_runs(scenario="lm-general-to-code", settings=["domain"],
+                           strategies=["naive"], hparams={}, seeds=[0],
+                           scenario_options={**SMALL, "lm": model}, data_root=tier_root)
+    assert "source" not in default.scenario_options
+
+
+@pytest.mark.parametrize("option", ["source", "targets"])
+def test_a_hub_dataset_without_network_or_cache_fails_in_one_line(language_root, tmp_path,
+                                                                  capsys, monkeypatch, option):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    name = "hf:cfbench-test/no-such-dataset:raw"
+    code = cli.main(["run", "--scenario", "lm-general-to-code", "--option", f"{option}={name}",
+                     "--strategy", "naive", "--data-root", str(language_root),
+                     "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert name in err and "datasets.load_dataset('cfbench-test/no-such-dataset', 'raw')" in err
+    assert not (tmp_path / "runs").exists()

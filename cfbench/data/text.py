@@ -239,10 +239,55 @@ class Corpus:
     manifest: dict
 
 
+HF_PREFIX = "hf:"
+"""A corpus named ``hf:PATH[:CONFIG]`` is a Hugging Face dataset (`load_hf_corpus`)."""
+
+
 def load_corpus(name: str, root: Path) -> Corpus:
-    """Read and verify corpus `name`; a one-line CfbenchError says how to fetch it if missing
-    or altered."""
+    """Read and verify corpus `name` (or read the Hugging Face dataset ``hf:...``); a
+    one-line CfbenchError says how to get it if missing or altered."""
+    if name.startswith(HF_PREFIX):
+        return load_hf_corpus(name)
     return _load_corpus(name, root.resolve())
+
+
+@functools.lru_cache(maxsize=4)
+def load_hf_corpus(spec: str) -> Corpus:
+    """``hf:PATH[:CONFIG]``: the ``text`` column of the train split of a Hugging Face dataset,
+    one document per non-blank row, e.g. ``hf:wikitext:wikitext-103-raw-v1``. PATH is a hub
+    name, read from the local cache and downloaded only when the hub is reachable and not
+    switched off (``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE``), or a local directory of
+    .txt, .jsonl, .csv or .parquet files. cfbench holds no checksum to compare a user's
+    dataset with, so the SHA-256 recorded is that of the documents as read."""
+    path, _, config = spec.removeprefix(HF_PREFIX).partition(":")
+    if not path:
+        raise CfbenchError(f"corpus {spec!r}: name a dataset, hf:PATH or hf:PATH:CONFIG "
+                           "(e.g. hf:wikitext:wikitext-103-raw-v1)")
+    try:
+        import datasets
+    except ImportError:
+        raise CfbenchError(f"corpus {spec}: Hugging Face datasets need the datasets package; "
+                           "pip install 'cfbench[lm]'") from None
+    try:
+        rows = datasets.load_dataset(path, config or None, split="train")
+    except Exception as exc:  # the library raises many types; each becomes the same one line
+        why = " ".join(str(exc).split())[:160]
+        raise CfbenchError(f"corpus {spec}: could not load the Hugging Face dataset {path!r} "
+                           f"from the cache ({datasets.config.HF_DATASETS_CACHE}) or a local "
+                           f"directory, nor download it ({type(exc).__name__}: {why}); with "
+                           f"network run `python -c \"import datasets; "
+                           f"datasets.load_dataset({path!r}, {config or None!r})\"` once, or "
+                           "give a local directory") from None
+    if "text" not in rows.column_names:
+        raise CfbenchError(f"corpus {spec}: the dataset has no 'text' column (it has "
+                           f"{', '.join(rows.column_names)}); give one whose rows are text")
+    documents = tuple(Document(str(i), text) for i, row in enumerate(rows["text"])
+                      if (text := _clean(row or "")))
+    if not documents:
+        raise CfbenchError(f"corpus {spec}: the dataset's train split holds no text")
+    manifest = {"dataset": path, "config": config or None, "split": "train", "column": "text",
+                "rows": len(rows), "documents": len(documents)}
+    return Corpus(spec, hashlib.sha256(_serialise(documents)).hexdigest(), documents, manifest)
 
 
 @functools.lru_cache(maxsize=4)
