@@ -100,7 +100,8 @@ lm: $(STAMP)
 		--executor process --workers 2 \
 		--store results/lm-general-to-code/tuned.sqlite --out results/lm-general-to-code/runs
 	$(BIN)/cfbench leaderboard --records results/lm-general-to-code/runs --plots \
-		--out results/lm-general-to-code --format md --format html --format csv --format json
+		--out results/lm-general-to-code --format md --format summary --format html --format csv \
+		--format json --format latex
 
 # cfbench next to Avalanche 0.6.0 (results/performance/vs_avalanche.json; ~10 min).
 peers: $(STAMP)

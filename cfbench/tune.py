@@ -154,15 +154,14 @@ def select(tune: TunePlan, records: Mapping[str, RunRecord]) -> dict[str, Choice
 
 
 def tuned_axes(points: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """The keys whose value is not the same in every point, each with its distinct values in
-    order of first appearance."""
+    """The keys whose value is not the same in every point (the points of one group share
+    their keys), each with its distinct values in order of first appearance."""
     axes: dict[str, list[Any]] = {}
     for point in points:
         for key, value in point.items():
             if value not in axes.setdefault(key, []):
                 axes[key].append(value)
-    return {key: values for key, values in axes.items()
-            if len(values) > 1 or any(key not in point for point in points)}
+    return {key: values for key, values in axes.items() if len(values) > 1}
 
 
 def default_values(strategy: str, point: Mapping[str, Any]) -> dict[str, Any]:
