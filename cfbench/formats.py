@@ -118,7 +118,7 @@ def labels(summary: pd.DataFrame, tuned_values: bool = True) -> list[str]:
     holds a strategy both with values `cfbench tune` chose and without, "tuned" on the former
     (``ewc (lam=10, tuned)``). Without `tuned_values`, the values tune chose are left out, so
     that one strategy's rows keep one name across tables that chose differently
-    (``der (memory=200)``)."""
+    (``der (memory=200)``; beside its defaults, ``ewc (tuned)`` and ``ewc (lam=1000.0)``)."""
     out: dict[object, str] = {}
     for _, rows in summary.groupby(["scenario", "setting", "strategy"]):
         hparams = [{(owner, k): v for owner, part in json.loads(h).items()
@@ -136,7 +136,7 @@ def labels(summary: pd.DataFrame, tuned_values: bool = True) -> list[str]:
                      if names[key] not in shown]
             parts += [f"{k}={protocol.get(k)}" for k in differ_p
                       if k not in shown and k.removeprefix("option.") not in shown]
-            parts += ["tuned"] if tuned and differ_tuned and tuned_values else []
+            parts += ["tuned"] if tuned and differ_tuned else []
             out[i] = strategy + (f" ({', '.join(parts)})" if parts else "")
     return [out[i] for i in summary.index]
 

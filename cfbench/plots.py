@@ -276,7 +276,7 @@ def _tradeoff(points: Sequence[tuple[str, float, float, float, float]],
     """One point per strategy, (label, x, y, x CI, y CI), with its error bars."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3.6, 3.0), layout="constrained")
+    fig, ax = plt.subplots(figsize=(5.0, 4.0), layout="constrained")
     for label, x, y, x_ci, y_ci in points:
         _point(ax, palette[label], label, x, y, x_ci, y_ci)
     ax.set_xlabel(xlabel)

@@ -906,5 +906,8 @@ def test_rows_whose_values_tune_chose_are_labelled_tuned():
     summary = summarize(records)
     assert sorted(labels(summary)) == ["ewc (lam=100.0, tuned)", "ewc (lam=1000.0)",
                                        "lwf", "naive"]
+    # The summary leaves out the value tune chose, and still tells the tuned row apart.
+    assert sorted(labels(summary, tuned_values=False)) == ["ewc (lam=1000.0)", "ewc (tuned)",
+                                                           "lwf", "naive"]
     table = render(summary, "md", Provenance.of(records, LEADERBOARD_ARGV))
     assert "| ewc (lam=100.0, tuned) | 71.0 ± " in table and "| ewc (lam=1000.0) | 61.0 ± " in table
