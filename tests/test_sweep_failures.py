@@ -155,7 +155,7 @@ def test_no_process_of_a_sweep_outlives_its_driver_killed_mid_run_by_kill_9(tmp_
         assert len(family) == 3  # the resource tracker, the fork server, the busy worker
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        assert_gone(family, within=5)
+        assert_gone(family)  # the fork server exits once it reads EOF: slow on a busy machine
     finally:  # a failure must not leave a busy worker behind
         proc.kill()
         for pid in family:
