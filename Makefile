@@ -3,7 +3,7 @@
 #                      results/quick-look/ (ignored by git)
 #   make test          the test suite (what CI runs through .ci/run; installs the ray extra,
 #                      which the sweep tests use, the peers extra (Avalanche, peft), which the
-#                      adapter's tests use, and the lm extra (transformers), which the
+#                      adapter's tests use, and the lm extra (transformers, datasets), which the
 #                      language-model tests use, and the tracker extras (tensorboard, wandb,
 #                      mlflow), which test_trackers.py reads back)
 #   make check-records reruns committed records and compares them bitwise (scripts/check_records.py)
