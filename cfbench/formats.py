@@ -126,16 +126,15 @@ def labels(summary: pd.DataFrame, tuned_values: bool = True) -> list[str]:
         protocols = [json.loads(p) for p in rows["protocol"]]
         differ_h, differ_p = _differing(hparams), _differing(protocols)
         differ_tuned = rows["tuned"].nunique() > 1
-        for i, strategy, own, protocol, tuned, keys in zip(
-                rows.index, rows["strategy"], hparams, protocols, rows["tuned"],
-                rows["tuned_keys"], strict=True):
-            shown = set() if tuned_values else set(json.loads(keys))
-            names = {(owner, k): k if owner == strategy else f"{owner}.{k}"
-                     for owner, k in differ_h}
+        strategy = rows["strategy"].iloc[0]
+        names = {(owner, k): k if owner == strategy else f"{owner}.{k}" for owner, k in differ_h}
+        for i, own, protocol, tuned, keys in zip(rows.index, hparams, protocols, rows["tuned"],
+                                                 rows["tuned_keys"], strict=True):
+            hidden = set() if tuned_values else set(json.loads(keys))
             parts = [f"{names[key]}={own.get(key)}" for key in differ_h
-                     if names[key] not in shown]
+                     if names[key] not in hidden]
             parts += [f"{k}={protocol.get(k)}" for k in differ_p
-                      if k not in shown and k.removeprefix("option.") not in shown]
+                      if k not in hidden and k.removeprefix("option.") not in hidden]
             parts += ["tuned"] if tuned and differ_tuned else []
             out[i] = strategy + (f" ({', '.join(parts)})" if parts else "")
     return [out[i] for i in summary.index]
